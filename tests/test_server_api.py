@@ -236,3 +236,9 @@ def test_metrics(server, client) -> None:
         assert name in text, name
     gen = next(ln for ln in text.splitlines() if ln.startswith("osserve_generation_tokens_total"))
     assert float(gen.split()[-1]) >= 3
+
+    def value(name: str) -> float:
+        return float(next(ln for ln in text.splitlines() if ln.startswith(name + " ")).split()[-1])
+
+    assert value("osserve_engine_generated_tokens") >= 3
+    assert value("osserve_engine_step_seconds") > 0.0 and value("osserve_engine_device_wait_seconds") >= 0.0

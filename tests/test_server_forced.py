@@ -8,6 +8,7 @@ import json
 
 import httpx
 import pytest
+from live import Forcer, serve_in_thread, tiny_config
 from openai_harmony import Message, Role
 
 from osserve.harmony import get_encoding, get_tokenizer
@@ -112,6 +113,25 @@ def test_chat_forced(forced_client, forcer, case: str) -> None:
     assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
     expected_reasoning = reasoning_token_count(reasoning) if reasoning else 0
     assert resp.usage.completion_tokens_details.reasoning_tokens == expected_reasoning
+
+
+@pytest.fixture(scope="module")
+def chunky(tiny_checkpoint):  # noqa: ANN001, ANN201
+    """A second in-process server whose engine sends 5 tokens per delta (stream_interval), as a consumer
+    that lags the engine gets them merged: the parser must split messages across and inside deltas."""
+    import openai
+
+    from osserve.server.app import create_app
+
+    forcer = Forcer()
+    app = create_app(tiny_config(tiny_checkpoint, stream_interval=5), request_hook=forcer.hook)
+    with serve_in_thread(app) as url:
+        yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60), forcer
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_chat_forced_streaming_several_tokens_per_delta(chunky, case: str) -> None:
+    test_chat_forced_streaming(*chunky, case)
 
 
 @pytest.mark.parametrize("case", list(CASES))

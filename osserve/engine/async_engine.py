@@ -19,8 +19,8 @@ from typing import Any
 
 from osserve.config import EngineConfig
 from osserve.engine.engine import EngineCore, Tokenizer
-from osserve.engine.outputs import RequestOutput
-from osserve.sampling_params import SamplingParams
+from osserve.engine.outputs import RequestOutput, merge_delta
+from osserve.sampling_params import OutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -137,9 +137,13 @@ class AsyncEngine:
             self._streams[request_id] = (loop, q)
             self.num_pending += 1
         self._inbox.put(_Add(request_id, list(prompt_token_ids), params, prompt))
-        return self._stream(request_id, q)
+        return self._stream(request_id, q, params.output_kind)
 
-    async def _stream(self, request_id: str, q: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+    async def _stream(
+        self, request_id: str, q: asyncio.Queue, kind: OutputKind | None
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield the request's outputs. Outputs that queued up while the consumer was busy come as one
+        (deltas merged, or the latest of cumulative ones) when `kind` says how; an error comes after them."""
         finished = False
         try:
             while True:
@@ -147,9 +151,21 @@ class AsyncEngine:
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
+                while kind is not None and not item.finished and not q.empty():
+                    nxt = q.get_nowait()
+                    if isinstance(nxt, BaseException):
+                        q.put_nowait(nxt)  # the queue is empty now: raised on the next round
+                        break
+                    if kind == OutputKind.DELTA:
+                        item = merge_delta(item, nxt)
+                    elif kind == OutputKind.CUMULATIVE:
+                        item = nxt
+                    else:
+                        q.put_nowait(nxt)
+                        break
+                finished = item.finished
                 yield item
-                if item.finished:
-                    finished = True
+                if finished:
                     return
         finally:
             if not finished:
@@ -159,9 +175,12 @@ class AsyncEngine:
         """Abort a request; its blocks are freed at the start of the next engine step."""
         self._inbox.put(_Abort(request_id))
 
-    def adopt(self, request_id: str, start: Callable[[EngineCore], None]) -> AsyncIterator[RequestOutput]:
+    def adopt(
+        self, request_id: str, start: Callable[[EngineCore], None], output_kind: OutputKind | None = None
+    ) -> AsyncIterator[RequestOutput]:
         """Like `add_request`, but the engine thread calls `start(core)` to put the request into the core
-        (it must register family `request_id`); a ValueError from `start` ends the stream with that error."""
+        (it must register family `request_id`); a ValueError from `start` ends the stream with that error.
+        `output_kind` (the request's) lets outputs that queued up come as one."""
         self._require_core()
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
@@ -171,7 +190,7 @@ class AsyncEngine:
             self._streams[request_id] = (loop, q)
             self.num_pending += 1
         self._inbox.put(_Adopt(request_id, start))
-        return self._stream(request_id, q)
+        return self._stream(request_id, q, output_kind)
 
     def call_soon(self, fn: Callable[[EngineCore], Any]) -> asyncio.Future:
         """Queue `fn(core)` for the engine thread now (in order with adds and aborts); its future resolves
@@ -223,11 +242,15 @@ class AsyncEngine:
         self._ready.set()
         logger.info("engine ready: serving %s", self.model_name)
         core = self.core
+        report = _ProgressLog(core.stats())
         try:
             while True:
                 block = not core.has_unfinished()
+                t0 = time.perf_counter()
                 if not self._drain(core, block):
                     break
+                if block:
+                    report.idle += time.perf_counter() - t0
                 outputs = core.step()
                 if self.after_step is not None:
                     self.after_step(core, outputs)
@@ -235,6 +258,7 @@ class AsyncEngine:
                 self.stats = core.stats()
                 if outputs:
                     self._deliver(outputs)
+                report.maybe_log(self.stats)
         except Exception as e:  # noqa: BLE001
             logger.exception("engine loop failed")
             self.state, self.error = "dead", f"{type(e).__name__}: {e}"
@@ -319,6 +343,42 @@ class AsyncEngine:
             **{k: v for k, v in self.stats.items() if k != "kv"},
             "kv_cache": self.stats.get("kv", {}),
         }
+
+
+class _ProgressLog:
+    """Every `interval` seconds of activity, one log line of what the engine did: generated tokens per
+    second, steps per second, and where a step's time went (waiting for the device, host work inside the
+    step, and the loop around it: adds, aborts, handing outputs to the server; idle waits excluded)."""
+
+    def __init__(self, stats: dict[str, Any], interval: float = 10.0):
+        self.interval = interval
+        self.last, self.t = stats, time.perf_counter()
+        self.idle = 0.0  # seconds the loop waited for work since the last line
+
+    def maybe_log(self, stats: dict[str, Any]) -> None:
+        now = time.perf_counter()
+        if now - self.t < self.interval:
+            return
+        steps = stats["num_steps"] - self.last["num_steps"]
+        if steps > 0 and logger.isEnabledFor(logging.INFO):
+            wall, last = now - self.t, self.last
+            step = stats["step_seconds"] - last["step_seconds"]
+            wait = stats["device_wait_seconds"] - last["device_wait_seconds"]
+            kv = stats.get("kv", {})
+            used = 100.0 * kv.get("in_use", 0) / max(1, kv.get("total", 0))
+            logger.info(
+                "engine: %.1f generated tok/s, %.1f steps/s, %d running, %d waiting, KV %.1f%% used; per step: "
+                "%.2f ms device wait, %.2f ms host, %.2f ms outside step()",
+                (stats["num_generated_tokens"] - last["num_generated_tokens"]) / wall,
+                steps / wall,
+                stats["num_running"],
+                stats["num_waiting"],
+                used,
+                1e3 * wait / steps,
+                1e3 * (step - wait) / steps,
+                1e3 * (wall - step - self.idle) / steps,
+            )
+        self.last, self.t, self.idle = stats, now, 0.0
 
 
 def _check_parallel_ranks(core: EngineCore) -> None:

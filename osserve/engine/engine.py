@@ -83,6 +83,8 @@ class EngineCore:
         self.families: dict[str, _Family] = {}
         self.vocab_size = runner.vocab_size
         self.num_steps = 0
+        self.num_generated = 0  # tokens sampled
+        self.step_s = 0.0  # seconds in step(), waits for the device included
         # The launched step whose results are not read yet (overlap scheduling).
         self.inflight: StepHandle | None = None
 
@@ -152,6 +154,13 @@ class EngineCore:
     def step(self) -> list[RequestOutput]:
         """Schedule and launch one step; return the outputs of the step before it (overlap scheduling)
         or of this one (synchronous)."""
+        t0 = time.perf_counter()
+        try:
+            return self._step()
+        finally:
+            self.step_s += time.perf_counter() - t0
+
+    def _step(self) -> list[RequestOutput]:
         overlap = not self.config.disable_overlap_scheduler and not self._needs_host_outputs()
         outputs: list[RequestOutput] = []
         if self.inflight is not None and not overlap:
@@ -197,6 +206,7 @@ class EngineCore:
                 req.prompt_logprobs += res.prompt_logprobs
             sample = fam.samples[req.sample_index]
             if res.token is not None:
+                self.num_generated += 1
                 req.num_pending -= 1
                 self._append_token(req, sample, res.token, res.logprobs, now)
             self.kv.on_computed(req)
@@ -335,5 +345,8 @@ class EngineCore:
             "num_waiting": self.scheduler.num_waiting,
             "kv": self.kv.usage(),
             "num_steps": self.num_steps,
+            "num_generated_tokens": self.num_generated,
+            "step_seconds": self.step_s,
+            "device_wait_seconds": getattr(self.runner, "device_wait_s", 0.0),
             "num_preemptions": self.scheduler.num_preemptions,
         }

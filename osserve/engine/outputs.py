@@ -52,3 +52,46 @@ class RequestOutput:
     # Set when the request failed inside the engine (finish_reason "error").
     error: str | None = None
     extra: dict = field(default_factory=dict)
+
+
+def merge_delta(a: RequestOutput, b: RequestOutput) -> RequestOutput:
+    """One delta output that says what `a` then `b` (two consecutive delta outputs of one request) said.
+
+    A consumer that fell behind the engine (a busy server streaming to hundreds of clients) takes the
+    outputs waiting for it as one: one SSE event per step it could keep up with, not one per token."""
+    by_index = {c.index: c for c in a.outputs}
+    merged = []
+    for c in b.outputs:
+        p = by_index.pop(c.index, None)
+        if p is None:
+            merged.append(c)
+            continue
+        logprobs = p.logprobs + c.logprobs if p.logprobs is not None and c.logprobs is not None else None
+        merged.append(
+            CompletionOutput(
+                index=c.index,
+                text=p.text + c.text,
+                token_ids=p.token_ids + c.token_ids,
+                cumulative_logprob=c.cumulative_logprob,
+                logprobs=logprobs if logprobs is not None else (c.logprobs or p.logprobs),
+                finish_reason=c.finish_reason,
+                stop_reason=c.stop_reason,
+            )
+        )
+    merged.extend(by_index.values())  # a sample that had nothing new in `b` (kept only if `b` omits it)
+    merged.sort(key=lambda c: c.index)
+    metrics = b.metrics
+    if a.metrics is not None and b.metrics is not None and a.metrics.first_token_time is not None:
+        metrics = RequestMetrics(b.metrics.arrival_time, a.metrics.first_token_time, b.metrics.finished_time)
+    return RequestOutput(
+        request_id=b.request_id,
+        prompt=b.prompt,
+        prompt_token_ids=b.prompt_token_ids,
+        prompt_logprobs=a.prompt_logprobs if a.prompt_logprobs is not None else b.prompt_logprobs,
+        outputs=merged,
+        finished=b.finished,
+        num_cached_tokens=b.num_cached_tokens,
+        metrics=metrics or a.metrics,
+        error=b.error or a.error,
+        extra={**a.extra, **b.extra},
+    )

@@ -8,6 +8,7 @@ scheduler's job; it only computes what it is given.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -79,6 +80,8 @@ class ModelRunner:
         max_seq_len: int,
     ):
         self.model = model
+        # Seconds the host spent waiting for launched steps to finish (the rest of a step is host work).
+        self.device_wait_s = 0.0
         self.max_seq_len = max_seq_len
         self.graphs: DecodeGraphs | None = None
         self.config = config
@@ -361,7 +364,9 @@ class ModelRunner:
         if not handle.sampling_reqs:
             return handle.results
         if handle.event is not None:
+            t0 = time.perf_counter()
             handle.event.synchronize()
+            self.device_wait_s += time.perf_counter() - t0
         tok_t, ids_t, lps_t, ranks_t = handle.host
         assert tok_t is not None
         tokens = tok_t.tolist()

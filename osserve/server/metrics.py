@@ -114,6 +114,19 @@ class _EngineCollector(Collector):
             hit / query if query else 0.0,
         )
         yield gauge("osserve_engine_steps", "Engine steps run.", s.get("num_steps", 0))
+        yield gauge(
+            "osserve_engine_generated_tokens", "Tokens the engine sampled.", s.get("num_generated_tokens", 0)
+        )
+        yield gauge(
+            "osserve_engine_step_seconds",
+            "Seconds spent in engine steps (host work and waits for the device).",
+            s.get("step_seconds", 0.0),
+        )
+        yield gauge(
+            "osserve_engine_device_wait_seconds",
+            "Seconds engine steps waited for the device to finish a launched step.",
+            s.get("device_wait_seconds", 0.0),
+        )
 
 
 class ServerMetrics:

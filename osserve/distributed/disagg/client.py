@@ -31,6 +31,8 @@ from osserve.distributed.disagg.protocol import (
     decode,
     encode,
 )
+from osserve.engine.outputs import merge_delta
+from osserve.sampling_params import OutputKind
 
 logger = logging.getLogger("osserve.disagg.frontend")
 
@@ -135,6 +137,7 @@ class WorkerClient:
         if not self.alive:
             raise WorkerLost(f"worker {self.worker_id} is gone: {self.lost_reason}")
         q: asyncio.Queue = asyncio.Queue()
+        delta = msg.params.get("output_kind") == OutputKind.DELTA.value
         self._streams[rid] = q
         self.num_inflight += 1
         done = False
@@ -146,6 +149,8 @@ class WorkerClient:
                     # A worker that stopped answering may still be running it: abort there too.
                     done = not isinstance(item, WorkerLost)
                     raise item
+                if delta:
+                    item = _coalesce(item, q)
                 # Decided before the yield: a consumer that stops at the last output must not abort.
                 done = item.output.finished or item.handoff is not None
                 yield item
@@ -348,6 +353,19 @@ class Cluster:
         for client in self.workers.values():
             await client.close()
         self.workers.clear()
+
+
+def _coalesce(item: Output, q: asyncio.Queue) -> Output:
+    """`item` merged with the delta outputs already queued behind it (up to a finished one, one with a
+    handoff, or an error, which stays queued): a frontend behind on hundreds of streams sends one SSE event
+    per request for all it has, not one per token."""
+    while item.handoff is None and not item.output.finished and not q.empty():
+        nxt = q.get_nowait()
+        if isinstance(nxt, BaseException):
+            q.put_nowait(nxt)  # the queue was empty behind it: still next
+            break
+        item = Output(item.request_id, merge_delta(item.output, nxt.output), nxt.handoff, nxt.kv_source)
+    return item
 
 
 async def _close_later(client: WorkerClient, delay: float) -> None:

@@ -411,7 +411,9 @@ class Worker:
             if msg.mode == "generate":
                 stream = engine.add_request(rid, prompt, params)
             elif msg.mode == "prefill":
-                stream = engine.adopt(rid, lambda core: handoff.add_prefill_only(rid, prompt, params))
+                stream = engine.adopt(
+                    rid, lambda core: handoff.add_prefill_only(rid, prompt, params), params.output_kind
+                )
             elif msg.mode == "continue":
                 if msg.handoff is None:
                     raise ValueError("mode 'continue' needs a handoff")
@@ -475,7 +477,7 @@ class Worker:
                     await engine.call(lambda core: handoff.release(rid), 30.0)
                     raise
                 self.counters["kv_pulled"] += 1
-                return engine.adopt(rid, lambda core: handoff.start_continued(rid, state))
+                return engine.adopt(rid, lambda core: handoff.start_continued(rid, state), params.output_kind)
             except KVTransferError as e:
                 logger.warning(
                     "request %s: KV pull from %s failed (%s); recomputing the prompt here",
@@ -484,7 +486,9 @@ class Worker:
                     e,
                 )
         self.counters["kv_recomputed"] += 1
-        return engine.adopt(rid, lambda core: handoff.start_resumed(rid, prompt, params, state))
+        return engine.adopt(
+            rid, lambda core: handoff.start_resumed(rid, prompt, params, state), params.output_kind
+        )
 
     async def _reserve(self, rid: str, prompt: list[int], params: Any) -> None:
         engine, handoff = self.engine, self.handoff
