@@ -368,6 +368,10 @@ class EngineConfig:
     # Overlap scheduling: the host schedules and prepares step n+1 while the device runs step n
     # (TensorRT-LLM's name; set true to run every step synchronously).
     disable_overlap_scheduler: bool = False
+    # Run the engine loop (scheduling, batch preparation, read-back, detokenization) in a process of its own,
+    # so that the server's per-token HTTP work does not take the GIL from it. `osserve serve` only; requests
+    # with Python logits processors are refused then.
+    engine_process: bool = False
     kv_cache_config: KvCacheConfig = field(default_factory=KvCacheConfig)
     cuda_graph_config: CudaGraphConfig = field(default_factory=CudaGraphConfig)
     moe_config: MoeConfig = field(default_factory=MoeConfig)
@@ -388,7 +392,12 @@ class EngineConfig:
             _check_int(o, "max_seq_len", self.max_seq_len, 2)
         _check_int(o, "stream_interval", self.stream_interval, 1)
         _check_int(o, "seed", self.seed, 0)
-        for name in ("enable_attention_dp", "enable_chunked_prefill", "disable_overlap_scheduler"):
+        for name in (
+            "enable_attention_dp",
+            "enable_chunked_prefill",
+            "disable_overlap_scheduler",
+            "engine_process",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{o}: {name} must be true or false, got {getattr(self, name)!r}")
         _check_choice(o, "attention_backend", self.attention_backend, ATTENTION_BACKENDS)

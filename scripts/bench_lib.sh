@@ -1,8 +1,10 @@
 # Shell helpers for the device runs (sourced after device_setup.sh): start / stop a server, run
 # `osserve bench serve` against it, print result summaries. Results go to $R (tarred into $OUT at the end).
 R=${R:-/tmp/results}; mkdir -p $R
-[ -f /tmp/kbench/best_configs.json ] && export OSSERVE_TRITON_CONFIGS=/tmp/kbench/best_configs.json \
-  && echo "tuned configs: $OSSERVE_TRITON_CONFIGS"
+# The kernel sweep's winners: this machine's own (an earlier call of the same lease), else carried ones.
+for c in /tmp/kbench/best_configs.json .kbench/best_configs.json; do
+  [ -f $c ] && export OSSERVE_TRITON_CONFIGS=$(readlink -f $c) && echo "tuned configs: $c" && break
+done
 log() { echo "=== $* ($(date +%T))"; }
 serve() {  # serve LOGNAME osserve-serve-args... ; sets SERVER
   local name=$1; shift

@@ -58,6 +58,8 @@ class _Family:
 
     @property
     def finished(self) -> bool:
+        if len(self.samples) == 1:  # the common case, without a generator per call
+            return self.samples[0].finish_reason is not None
         return all(s.finish_reason is not None for s in self.samples)
 
 

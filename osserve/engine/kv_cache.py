@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from osserve.engine.request import Request
 
 FULL, SLIDING = 0, 1
@@ -145,6 +147,25 @@ class RequestBlocks:
     num_registered: int = 0
     # Sliding-table entries before this index are released (null).
     num_released: int = 0
+    # The two tables as int32 arrays for the runner, rebuilt only when a table changed (a new block every
+    # block_size tokens, a release) rather than converted from the lists at every step.
+    _arrays: tuple[tuple[int, int, int, int, int], np.ndarray, np.ndarray] | None = None
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(full, sliding) block tables as int32 arrays; a missing group reads as the other one."""
+        full, sliding = self.full, self.sliding
+        key = (id(full), len(full), id(sliding), len(sliding), self.num_released)
+        cached = self._arrays
+        if cached is None or cached[0] != key:
+            f = np.asarray(full, dtype=np.int32) if full else None
+            sl = np.asarray(sliding, dtype=np.int32) if sliding else None
+            f = (
+                f
+                if f is not None
+                else (np.zeros(len(sliding), dtype=np.int32) if sl is not None else np.zeros(0, np.int32))
+            )
+            cached = self._arrays = (key, f, sl if sl is not None else f)
+        return cached[1], cached[2]
 
 
 class KVCacheManager:

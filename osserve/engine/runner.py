@@ -166,9 +166,7 @@ class ModelRunner:
         for req, n in sched.scheduled:
             start = req.num_computed_tokens
             end = start + n
-            rb = kv.blocks_of(req.request_id)
-            full = rb.full or [0] * len(rb.sliding)
-            sliding = rb.sliding or full
+            full, sliding = kv.blocks_of(req.request_id).arrays()
             row0 = qsl[-1]
             known = min(end, req.num_tokens)
             ids += req.token_ids_slice(start, known)
@@ -181,14 +179,15 @@ class ModelRunner:
                 gather_src.append(prev.row_of[req.request_id])
             if n == 1:
                 positions[row0] = start
-                full_slots[row0] = full[start // bs] * bs + start % bs
-                sliding_slots[row0] = sliding[start // bs] * bs + start % bs
+                blk, off = divmod(start, bs)
+                full_slots[row0] = int(full[blk]) * bs + off
+                sliding_slots[row0] = int(sliding[blk]) * bs + off
             else:
                 pos = np.arange(start, end, dtype=np.int64)
                 positions[row0 : row0 + n] = pos
                 blk, off = pos // bs, pos % bs
-                full_slots[row0 : row0 + n] = np.asarray(full, dtype=np.int64)[blk] * bs + off
-                sliding_slots[row0 : row0 + n] = np.asarray(sliding, dtype=np.int64)[blk] * bs + off
+                full_slots[row0 : row0 + n] = full[blk].astype(np.int64) * bs + off
+                sliding_slots[row0 : row0 + n] = sliding[blk].astype(np.int64) * bs + off
             tables.append((full, sliding))
             qsl.append(row0 + n)
             seq_lens.append(end)

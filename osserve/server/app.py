@@ -123,7 +123,11 @@ def create_app(
 
     `engine`: any object with AsyncEngine's interface (the disaggregated frontend passes one that routes to
     remote workers); default: an AsyncEngine in this process."""
-    if engine is None:
+    if engine is None and config.engine_process and core_factory is None:
+        from osserve.engine.engine_process import ProcessEngine
+
+        engine = ProcessEngine(config, tokenizer or load_tokenizer())
+    elif engine is None:
         engine = AsyncEngine(config, tokenizer or load_tokenizer(), core_factory)
     state = ServerState(config, engine, served_name(config), api_key, max_queue_len, request_hook)
 

@@ -113,6 +113,11 @@ class WorkerOptions:
 
 def check_role_fits_engine(role: str, config: EngineConfig) -> None:
     """Prefill / decode workers move KV between single-rank engines only (raises ValueError otherwise)."""
+    if config.engine_process:
+        raise ValueError(
+            "engine_process applies to `osserve serve` alone: a worker already serves its engine in a process "
+            "of its own; leave it false for workers"
+        )
     ranks = max(config.tensor_parallel_size, config.moe_expert_parallel_size)
     if role != "both" and (ranks > 1 or config.enable_attention_dp):
         # NOTE: with several ranks each rank holds its own part of the KV (heads, or requests under attention
