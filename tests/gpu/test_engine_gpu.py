@@ -19,6 +19,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 # (On the CPU, bf16 against float32 with the same code differs by up to 0.74 nats on this model: that is
 # the scale of MoE routing flips, and why the reference here is bf16 too.)
 LOGPROB_TOL = 0.1
+# A GPU choice that is not the reference's argmax must be within this of it: two tokens whose logprobs each
+# err by up to ~LOGPROB_TOL (bf16 kernels against bf16 PyTorch) can swap when they are this close.
+NEAR_TIE = 2.5 * LOGPROB_TOL
 
 
 def _engine(ckpt, **opts):
@@ -72,7 +75,7 @@ def test_gpu_path_equals_reference_path(tiny_ckpt):
             best = max(entry.values(), key=lambda lp: lp.logprob)
             diffs.append(abs(out.logprobs[j][tok].logprob - entry[tok].logprob))
             if entry[tok].rank != 1:
-                assert best.logprob - entry[tok].logprob < LOGPROB_TOL, (i, j)
+                assert best.logprob - entry[tok].logprob < NEAR_TIE, (i, j, best.logprob - entry[tok].logprob)
                 near_ties += 1
     diffs.sort()
     assert (
