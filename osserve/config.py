@@ -370,8 +370,8 @@ class EngineConfig:
     disable_overlap_scheduler: bool = False
     # Run the engine loop (scheduling, batch preparation, read-back, detokenization) in a process of its own,
     # so that the server's per-token HTTP work does not take the GIL from it. `osserve serve` only; requests
-    # with Python logits processors are refused then.
-    engine_process: bool = False
+    # with Python logits processors are refused then. None (default): on for a single-rank engine on CUDA.
+    engine_process: bool | None = None
     kv_cache_config: KvCacheConfig = field(default_factory=KvCacheConfig)
     cuda_graph_config: CudaGraphConfig = field(default_factory=CudaGraphConfig)
     moe_config: MoeConfig = field(default_factory=MoeConfig)
@@ -398,6 +398,8 @@ class EngineConfig:
             "disable_overlap_scheduler",
             "engine_process",
         ):
+            if name == "engine_process" and self.engine_process is None:
+                continue  # the default: decided where the server starts (on for one rank on CUDA)
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{o}: {name} must be true or false, got {getattr(self, name)!r}")
         _check_choice(o, "attention_backend", self.attention_backend, ATTENTION_BACKENDS)

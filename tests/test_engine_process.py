@@ -130,3 +130,18 @@ def test_a_killed_engine_process_ends_streams_and_the_server_stays_up(tiny_check
         assert live.proc.poll() is None
     finally:
         stop_cli_server(live)
+
+
+def test_the_default_runs_the_engine_in_process_off_cuda_and_for_several_ranks(tiny_checkpoint) -> None:  # noqa: ANN001
+    from osserve.server.app import _engine_in_own_process, create_app
+
+    def cfg(**kw):  # noqa: ANN202
+        return EngineConfig.from_dict({"model": str(tiny_checkpoint), **kw})
+
+    assert _engine_in_own_process(cfg()) is False  # CPU here
+    assert _engine_in_own_process(cfg(engine_process=True)) is True
+    assert _engine_in_own_process(cfg(device="cuda", tensor_parallel_size=2)) is False
+    app = create_app(cfg(engine_process=True))
+    assert type(app.state.server.engine).__name__ == "ProcessEngine"
+    with pytest.raises(ValueError, match="engine_process must be true or false"):
+        cfg(engine_process="yes")

@@ -123,7 +123,7 @@ def create_app(
 
     `engine`: any object with AsyncEngine's interface (the disaggregated frontend passes one that routes to
     remote workers); default: an AsyncEngine in this process."""
-    if engine is None and config.engine_process and core_factory is None:
+    if engine is None and core_factory is None and _engine_in_own_process(config):
         from osserve.engine.engine_process import ProcessEngine
 
         engine = ProcessEngine(config, tokenizer or load_tokenizer())
@@ -187,6 +187,21 @@ def create_app(
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
     return app
+
+
+def _engine_in_own_process(config: EngineConfig) -> bool:
+    """`engine_process`, or its default: on for a single-rank engine on CUDA (where the host is the limit)."""
+    if config.engine_process is not None:
+        return config.engine_process
+    from osserve.distributed.parallel import ParallelConfig
+    from osserve.engine.factory import resolve_device
+
+    if ParallelConfig.from_engine_config(config).is_distributed:
+        return False
+    try:
+        return resolve_device(config).type == "cuda"
+    except (ValueError, RuntimeError):
+        return False  # the engine reports the bad device itself
 
 
 def _model_card(state: ServerState) -> dict[str, Any]:

@@ -188,7 +188,8 @@ def add_worker_parser(subparsers: argparse._SubParsersAction) -> None:
         "--kv-transport",
         choices=("auto", "zmq", "cuda_ipc"),
         default="auto",
-        help="how KV is pulled from prefill workers (auto: CUDA IPC on one host with GPUs, else ZeroMQ)",
+        help="how KV is pulled from prefill workers (auto: ZeroMQ; cuda_ipc: device-to-device on one host, "
+        "experimental: not yet verified on a GPU)",
     )
     w.add_argument(
         "--kv-hold-timeout",

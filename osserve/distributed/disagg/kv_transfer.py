@@ -352,11 +352,14 @@ def make_transports(
     ctx: zmq.asyncio.Context,
     timeout_s: float = PULL_TIMEOUT_S,
 ) -> list[KVTransport]:
-    """Transports to try, best first: `kind` is auto | zmq | cuda_ipc (auto: CUDA IPC where it applies)."""
+    """Transports to try, best first: `kind` is auto | zmq | cuda_ipc.
+
+    auto is ZeroMQ: the CUDA IPC transport did not complete its test on the H100 (docs/PERFORMANCE.md, run
+    9: the test ran past 120 s without a result), so it is used only when asked for by name."""
     if kind not in ("auto", "zmq", "cuda_ipc"):
         raise ValueError(f"kv_transport is {kind!r}; allowed: 'auto', 'zmq', 'cuda_ipc'")
     out: list[KVTransport] = []
-    if kind in ("auto", "cuda_ipc") and torch.cuda.is_available():
+    if kind == "cuda_ipc" and torch.cuda.is_available():
         from osserve.distributed.disagg.kv_cuda_ipc import CudaIpcKVTransport
 
         out.append(CudaIpcKVTransport(engine, handoff, ctx, timeout_s))

@@ -113,7 +113,7 @@ class WorkerOptions:
 
 def check_role_fits_engine(role: str, config: EngineConfig) -> None:
     """Prefill / decode workers move KV between single-rank engines only (raises ValueError otherwise)."""
-    if config.engine_process:
+    if config.engine_process is True:
         raise ValueError(
             "engine_process applies to `osserve serve` alone: a worker already serves its engine in a process "
             "of its own; leave it false for workers"
