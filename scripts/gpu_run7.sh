@@ -13,9 +13,9 @@ log "20b, engine process"
 serve 20b-proc --model random:gpt-oss-20b --max-batch-size 512 --max-num-tokens 8192 --max-seq-len 9216 --engine-process || { pack 7; exit 1; }
 timeout 40 $B --random-input-len 1024 --random-output-len 256 --max-concurrency 1 --num-prompts 4 --result-filename 20b-b1.json | grep -E "Mean TPOT|Mean TTFT"
 timeout 30 $B --random-input-len 8000 --random-output-len 2 --max-concurrency 1 --num-prompts 4 --result-filename 20b-ttft8k.json | grep -E "Mean TTFT"
-( sleep 40; pyspy $SERVER 12 20b-proc ) &
+( sleep 40; pyspy $SERVER 12 20b-proc ) & SPY=$!
 timeout 110 $B $T --max-concurrency 512 --num-prompts 512 --result-filename 20b-tput-proc.json | grep -E "throughput|Mean TPOT"
-wait; stop
+wait $SPY; stop
 grep "engine:" $R/server-20b-*.log | tail -8
 log "120b, engine process"
 serve 120b-proc --model random:gpt-oss-120b --max-batch-size 256 --max-num-tokens 8192 --max-seq-len 4096 --engine-process || { pack 7; exit 1; }
