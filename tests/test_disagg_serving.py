@@ -98,6 +98,9 @@ def test_health_lists_every_endpoint_with_its_role(deployment):
         and not body["deployment"]["missing_roles"]
     )
     assert body["deployment"]["discovery"] == "frontend"
+    # The frontend has no engine of its own: /v1/models reports the workers' limit.
+    card = httpx.get(deployment["url"] + "/v1/models", timeout=5).json()["data"][0]
+    assert card["max_model_len"] == 1024
 
 
 def test_greedy_outputs_equal_single_process_serving(deployment, reference):

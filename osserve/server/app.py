@@ -212,7 +212,10 @@ def _model_card(state: ServerState) -> dict[str, Any]:
         "created": state.created,
         "owned_by": "osserve",
         "root": state.config.model or state.served_model_name,
-        "max_model_len": core.max_seq_len if core is not None else state.config.max_seq_len,
+        "max_model_len": core.max_seq_len
+        if core is not None
+        # An engine over other processes (the disaggregated frontend) knows its workers' limit.
+        else getattr(state.engine, "max_seq_len", None) or state.config.max_seq_len,
     }
 
 

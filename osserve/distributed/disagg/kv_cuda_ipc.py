@@ -22,7 +22,9 @@ from osserve.engine.engine import EngineCore
 class CudaIpcKVTransport(KVTransport):
     """Device-to-device copies from the source's KV pool, mapped into this process through CUDA IPC.
 
-    NOTE: untested here (no GPU in CI); the byte transport is the fallback whenever this one fails."""
+    NOTE: unverified: on the H100 its test ran past 120 s without a result (docs/PERFORMANCE.md, run 9), so
+    `kv_transport: auto` does not choose it. Every step is under the transfer timeout, and any failure
+    (a timeout included) falls back to the byte transport."""
 
     name = "cuda_ipc"
 
@@ -62,8 +64,17 @@ class CudaIpcKVTransport(KVTransport):
             args[6] = index
             return fn(*args)
 
-        try:
+        def rebuild_all() -> list[tuple[torch.Tensor, torch.Tensor]]:
             return [(rebuild(k), rebuild(v)) for k, v in data["handles"]]
+
+        # NOTE: off the event loop and under the transfer timeout: mapping another process's memory is a
+        # driver call that must not stall this worker's control plane (run 9 saw this path never finish).
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(rebuild_all), self.timeout_s)
+        except TimeoutError:
+            raise KVTransferError(
+                f"mapping {source.worker_id}'s KV pool took over {self.timeout_s}s"
+            ) from None
         except RuntimeError as e:  # e.g. no peer access between the two GPUs
             raise KVTransferError(f"cannot map {source.worker_id}'s KV pool: {e}") from None
 
@@ -100,7 +111,7 @@ class CudaIpcKVTransport(KVTransport):
 
         try:
             await self.engine.call(copy, self.timeout_s)
-        except (ValueError, KeyError, RuntimeError) as e:
+        except (ValueError, KeyError, RuntimeError, TimeoutError) as e:
             raise KVTransferError(f"could not copy the KV of {request_id}: {e}") from None
 
     def close(self) -> None:

@@ -235,6 +235,12 @@ class RemoteEngine:
         }
 
     # -- requests --------------------------------------------------------------------------------------
+    @property
+    def max_seq_len(self) -> int | None:
+        """The longest sequence every ready worker accepts (None until one is ready)."""
+        limits = self.cluster.limits() if self.cluster is not None else None
+        return limits[1] if limits is not None else None
+
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         limits = self.cluster.limits() if self.cluster else None
         if limits is None or not self.is_ready:
