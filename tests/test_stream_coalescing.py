@@ -92,3 +92,28 @@ def test_a_lagging_consumer_gets_what_waited_as_one_output(engine, kind: OutputK
     assert got.token_ids == want_ids and got.text == want_text and got.finish_reason == "length"
     assert [list(e) for e in got.logprobs] == [list(e) for e in want_lps]
     assert lagging[0].metrics.first_token_time is not None
+
+
+def test_progress_log_says_where_step_time_went(caplog) -> None:  # noqa: ANN001
+    from osserve.engine.async_engine import _ProgressLog
+
+    base = {"num_steps": 0, "num_generated_tokens": 0, "step_seconds": 0.0, "device_wait_seconds": 0.0}
+    log = _ProgressLog({**base, "num_running": 0, "num_waiting": 0}, interval=0.0)
+    log.t -= 2.0  # two seconds of which one was idle
+    log.idle = 1.0
+    stats = {
+        "num_steps": 100,
+        "num_generated_tokens": 5000,
+        "step_seconds": 0.8,
+        "device_wait_seconds": 0.5,
+        "num_running": 50,
+        "num_waiting": 3,
+        "kv": {"in_use": 25, "total": 100},
+    }
+    with caplog.at_level("INFO", logger="osserve.engine.async_engine"):
+        log.maybe_log(stats)
+    (msg,) = [r.getMessage() for r in caplog.records]
+    assert "50 running, 3 waiting, KV 25.0% used" in msg
+    # 0.5 s waiting and 0.3 s host over 100 steps; 2 - 0.8 - 1.0 idle = 0.2 s outside step()
+    assert "5.00 ms device wait, 3.00 ms host, 2.00 ms outside step()" in msg
+    assert log.idle == 0.0 and log.last is stats
