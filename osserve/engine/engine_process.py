@@ -75,10 +75,18 @@ class ProcessEngine(AsyncEngine):
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None
     ) -> AsyncIterator[RequestOutput]:
-        stream = super().add_request(request_id, prompt_token_ids, params, prompt)
+        # NOTE: recorded first: the child may answer before super() returns.
         with self._lock:
-            self._prompts[request_id] = (list(prompt_token_ids), prompt)
-        return stream
+            known = request_id in self._prompts
+            if not known:
+                self._prompts[request_id] = (list(prompt_token_ids), prompt)
+        try:
+            return super().add_request(request_id, prompt_token_ids, params, prompt)
+        except BaseException:
+            if not known:
+                with self._lock:
+                    self._prompts.pop(request_id, None)
+            raise
 
     def adopt(self, request_id: str, start: Callable[[EngineCore], None], output_kind: Any = None) -> Any:
         raise NotImplementedError("adopt needs the engine in this process (engine_process false)")
