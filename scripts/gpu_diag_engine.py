@@ -35,6 +35,7 @@ def main() -> None:
         "cuda_graph_config": {"max_batch_size": 0},
     }
     variants = {
+        "torch path, max_num_tokens 64": {**torch_path, "max_num_tokens": 64},
         "triton attn + triton moe + graphs": {
             "attention_backend": "triton",
             "moe_config": {"backend": "triton"},
@@ -58,7 +59,6 @@ def main() -> None:
             "max_num_tokens": 64,
             "cuda_graph_config": {"max_batch_size": 0},
         },
-        "torch path, max_num_tokens 64": {**torch_path, "max_num_tokens": 64},
     }
     for name, opts in variants.items():
         gpu = run(
