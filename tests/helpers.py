@@ -1,4 +1,5 @@
-"""Test helpers: run GptOssModel on whole sequences without the engine (a trivial block allocator)."""
+"""Test helpers: run GptOssModel on whole sequences without the engine (a trivial block allocator), and run
+requests through an EngineCore to completion."""
 
 from __future__ import annotations
 
@@ -59,3 +60,22 @@ def prefill_batch(
         sliding_window=sliding_window,
         num_tokens=len(ids),
     )
+
+
+def run_requests(core, prompts, params, check_invariant=True, check_freed=True):  # noqa: ANN001, ANN201
+    """Run requests to completion on an EngineCore; returns {index: RequestOutput}. `check_invariant`: the
+    block accounting adds up after every step; `check_freed`: no block is held at the end."""
+    params = params if isinstance(params, list) else [params] * len(prompts)
+    for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
+        core.add_request(f"r{i}", p, sp)
+    done = {}
+    while core.has_unfinished():
+        for out in core.step():
+            if out.finished:
+                done[int(out.request_id[1:])] = out
+        if check_invariant:
+            u = core.kv.usage()
+            assert u["in_use"] + u["cached"] + u["free"] == u["total"], u
+    if check_freed:
+        assert core.kv.usage()["in_use"] == 0
+    return done

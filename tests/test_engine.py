@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 from helpers import make_kv_caches, prefill_batch
+from helpers import run_requests as run
 
 from osserve.config import EngineConfig
 from osserve.engine.factory import build_engine
@@ -17,23 +18,6 @@ from osserve.sampling_params import SamplingParams
 def make_engine(ckpt, **opts):
     core, _ = build_engine(EngineConfig.from_dict({"model": str(ckpt), **opts}), progress=False)
     return core
-
-
-def run(core, prompts, params, check_invariant=True):
-    """Run requests to completion; returns {index: RequestOutput}. Checks block accounting every step."""
-    params = params if isinstance(params, list) else [params] * len(prompts)
-    for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
-        core.add_request(f"r{i}", p, sp)
-    done = {}
-    while core.has_unfinished():
-        for out in core.step():
-            if out.finished:
-                done[int(out.request_id[1:])] = out
-        if check_invariant:
-            u = core.kv.usage()
-            assert u["in_use"] + u["cached"] + u["free"] == u["total"], u
-    assert core.kv.usage()["in_use"] == 0
-    return done
 
 
 def workload(n=32, seed=0, vocab=199998, max_prompt=60, max_out=30):

@@ -129,6 +129,13 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Queue a request and return its output stream. Validation errors raise here, synchronously."""
         self.validate(prompt_token_ids, params)
+        q = self._register(request_id)
+        self._inbox.put(_Add(request_id, list(prompt_token_ids), params, prompt))
+        return self._stream(request_id, q, params.output_kind)
+
+    def _register(self, request_id: str) -> asyncio.Queue:
+        """A new output queue for `request_id` on the caller's event loop, counted as pending until the
+        engine takes the request."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         with self._lock:
@@ -136,8 +143,7 @@ class AsyncEngine:
                 raise ValueError(f"request id {request_id!r} is already in use")
             self._streams[request_id] = (loop, q)
             self.num_pending += 1
-        self._inbox.put(_Add(request_id, list(prompt_token_ids), params, prompt))
-        return self._stream(request_id, q, params.output_kind)
+        return q
 
     async def _stream(
         self, request_id: str, q: asyncio.Queue, kind: OutputKind | None
@@ -182,13 +188,7 @@ class AsyncEngine:
         (it must register family `request_id`); a ValueError from `start` ends the stream with that error.
         `output_kind` (the request's) lets outputs that queued up come as one."""
         self._require_core()
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue = asyncio.Queue()
-        with self._lock:
-            if request_id in self._streams:
-                raise ValueError(f"request id {request_id!r} is already in use")
-            self._streams[request_id] = (loop, q)
-            self.num_pending += 1
+        q = self._register(request_id)
         self._inbox.put(_Adopt(request_id, start))
         return self._stream(request_id, q, output_kind)
 

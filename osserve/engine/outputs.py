@@ -54,6 +54,23 @@ class RequestOutput:
     extra: dict = field(default_factory=dict)
 
 
+def merge_completion(a: CompletionOutput, b: CompletionOutput) -> CompletionOutput:
+    """One sample's delta `a` followed by its delta `b`, as one delta."""
+    if a.logprobs is not None and b.logprobs is not None:
+        logprobs: list | None = a.logprobs + b.logprobs
+    else:
+        logprobs = b.logprobs if b.logprobs is not None else a.logprobs
+    return CompletionOutput(
+        index=b.index,
+        text=a.text + b.text,
+        token_ids=a.token_ids + b.token_ids,
+        cumulative_logprob=b.cumulative_logprob,
+        logprobs=logprobs,
+        finish_reason=b.finish_reason,
+        stop_reason=b.stop_reason,
+    )
+
+
 def merge_delta(a: RequestOutput, b: RequestOutput) -> RequestOutput:
     """One delta output that says what `a` then `b` (two consecutive delta outputs of one request) said.
 
@@ -63,21 +80,7 @@ def merge_delta(a: RequestOutput, b: RequestOutput) -> RequestOutput:
     merged = []
     for c in b.outputs:
         p = by_index.pop(c.index, None)
-        if p is None:
-            merged.append(c)
-            continue
-        logprobs = p.logprobs + c.logprobs if p.logprobs is not None and c.logprobs is not None else None
-        merged.append(
-            CompletionOutput(
-                index=c.index,
-                text=p.text + c.text,
-                token_ids=p.token_ids + c.token_ids,
-                cumulative_logprob=c.cumulative_logprob,
-                logprobs=logprobs if logprobs is not None else (c.logprobs or p.logprobs),
-                finish_reason=c.finish_reason,
-                stop_reason=c.stop_reason,
-            )
-        )
+        merged.append(c if p is None else merge_completion(p, c))
     merged.extend(by_index.values())  # a sample that had nothing new in `b` (kept only if `b` omits it)
     merged.sort(key=lambda c: c.index)
     metrics = b.metrics

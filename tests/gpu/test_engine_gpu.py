@@ -10,6 +10,7 @@ import torch
 from osserve.config import EngineConfig
 from osserve.engine.factory import build_engine
 from osserve.sampling_params import SamplingParams
+from tests.helpers import run_requests
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -31,15 +32,7 @@ def _engine(ckpt, **opts):
 
 
 def _run(core, prompts, params):
-    for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
-        core.add_request(f"r{i}", p, sp)
-    done = {}
-    while core.has_unfinished():
-        for out in core.step():
-            if out.finished:
-                done[int(out.request_id[1:])] = out
-    assert core.kv.usage()["in_use"] == 0
-    return done
+    return run_requests(core, prompts, params, check_invariant=False)
 
 
 def test_gpu_path_equals_reference_path(tiny_ckpt):

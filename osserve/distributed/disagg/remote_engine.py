@@ -31,7 +31,7 @@ from osserve.distributed.disagg.discovery import EtcdRegistry, MemoryRegistry, R
 from osserve.distributed.disagg.protocol import Generate, Handoff, KVSource, params_to_wire
 from osserve.distributed.disagg.router import Router
 from osserve.engine.async_engine import EngineNotReadyError
-from osserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from osserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, merge_completion
 from osserve.sampling_params import OutputKind, SamplingParams
 
 logger = logging.getLogger("osserve.disagg.frontend")
@@ -291,13 +291,7 @@ class RemoteEngine:
                 done = out.finished
                 out.request_id, out.prompt, out.prompt_token_ids = rid, prompt, prompt_ids
                 if final_only:
-                    prev = acc.setdefault(index, CompletionOutput(index, "", [], None, None))
-                    prev.text += o.text
-                    prev.token_ids += o.token_ids
-                    prev.cumulative_logprob = o.cumulative_logprob
-                    prev.finish_reason, prev.stop_reason = o.finish_reason, o.stop_reason
-                    if o.logprobs is not None:
-                        prev.logprobs = (prev.logprobs or []) + o.logprobs
+                    acc[index] = merge_completion(acc[index], o) if index in acc else o
                     if not done and not out.error:
                         continue
                     out.outputs = [acc[i] for i in sorted(acc)]
