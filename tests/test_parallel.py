@@ -323,3 +323,15 @@ def test_idle_async_engine_turns_dead_when_a_rank_dies(tiny_ckpt):
     finally:
         eng.shutdown()
         launcher.shutdown()
+
+
+def test_random_model_spec_runs_parallel(reference):
+    """`random:PRESET` (no files: every rank draws the weights make-checkpoint would write) is checked against
+    the preset's shape and runs under TP2 with the tiny checkpoint's greedy tokens."""
+    prompts, params, ref_done, _ = reference
+    with one_thread(), parallel_engine("random:tiny", tensor_parallel_size=2) as core:
+        assert_same_outputs(run(core, prompts, params), ref_done)
+    with pytest.raises(ValueError, match="must divide num_key_value_heads"):
+        build_engine(
+            EngineConfig.from_dict({"model": "random:tiny", "tensor_parallel_size": 4}), progress=False
+        )

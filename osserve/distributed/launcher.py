@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from osserve.config import EngineConfig
+from osserve.config import EngineConfig, ModelConfig, get_preset
 from osserve.distributed import comm
 from osserve.distributed.parallel import ParallelConfig
 from osserve.distributed.supervisor import (  # noqa: F401 - the launcher's public names
@@ -54,11 +54,21 @@ def is_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def check_layout(config: EngineConfig, parallel: ParallelConfig, model_path: Path) -> None:
-    """Reject a layout the model cannot be cut into, before any process starts."""
-    from osserve.model.loader import load_config
+def resolve_model(config: EngineConfig) -> tuple[str, ModelConfig]:
+    """Where the ranks load the model from (a checkpoint folder, resolved once here, or `random:PRESET`,
+    which every rank draws itself) and its shape."""
+    from osserve.engine.factory import model_location
+    from osserve.model.loader import load_config, parse_random_spec
 
-    cfg = load_config(model_path)
+    spec = parse_random_spec(config.model)
+    if spec is not None:
+        return config.model, get_preset(spec[0])
+    path = model_location(config)[0]
+    return str(path), load_config(path)
+
+
+def check_layout(config: EngineConfig, parallel: ParallelConfig, cfg: ModelConfig) -> None:
+    """Reject a layout the model cannot be cut into, before any process starts."""
     if cfg.num_key_value_heads % parallel.tp_size:
         raise ValueError(
             f"tensor_parallel_size ({config.tensor_parallel_size}) must divide num_key_value_heads "
@@ -153,13 +163,13 @@ def tokenizer_spec(tokenizer: Any) -> Any:
 
 def launch_engine(config: EngineConfig, tokenizer: Any, progress: bool) -> tuple[Any, str]:
     """Start every rank of the parallel engine `config` asks for; returns rank 0's engine and model name."""
-    from osserve.engine.factory import build_engine, model_location, resolve_device
+    from osserve.engine.factory import build_engine, resolve_device
 
     if current_launch() is not None:
         raise RuntimeError("a parallel engine is already running in this process; shut it down first")
     parallel = ParallelConfig.from_engine_config(config)
-    path, _ = model_location(config)
-    check_layout(config, parallel, path)
+    model, cfg = resolve_model(config)
+    check_layout(config, parallel, cfg)
     device = resolve_device(config)
     backend = os.environ.get(comm.ENV_BACKEND) or ("nccl" if device.type == "cuda" else "gloo")
     if backend == "nccl" and device.type != "cuda":
@@ -201,7 +211,7 @@ def launch_engine(config: EngineConfig, tokenizer: Any, progress: bool) -> tuple
             comm.send_control(
                 {
                     "config": config.to_dict(),
-                    "model_path": str(path),
+                    "model_path": model,
                     "tokenizer": tokenizer_spec(tokenizer),
                     "parallel": (parallel.tp_size, parallel.ep_size, parallel.dp_size),
                 },

@@ -131,9 +131,9 @@ class ModelRunner:
         sizes = [s for s in self.config.cuda_graph_config.batch_sizes if s <= self.config.max_batch_size]
         if self.device.type != "cuda" or not sizes:
             return
-        if self.forward_sync is not None or self.model.parallel.is_distributed:
-            # NOTE: every rank would have to replay the same graph in step; parallel engines run eagerly.
-            logger.info("CUDA graphs off: not yet captured across parallel ranks")
+        if self.model.parallel.dp_size > 1:
+            # NOTE: attention-DP ranks exchange tokens in shapes that change every step.
+            logger.info("CUDA graphs off: attention data parallelism runs eagerly")
             return
         if not self.model.ops.graph_safe:
             logger.info("CUDA graphs off: the %s ops are not capture-safe", self.model.ops.name)
@@ -310,11 +310,18 @@ class ModelRunner:
         return sb
 
     def run_model(self, batch: ForwardBatch) -> torch.Tensor:
-        """Final hidden states of `batch`. Every rank of a parallel engine runs each forward through here."""
+        """Final hidden states of `batch`. Every rank of a parallel engine runs each forward through here:
+        the workers get the same batch, so they replay the same graph bucket (whose NCCL calls then match
+        rank 0's) or run the same eager forward."""
         if self.forward_sync is None:
-            return self.model(batch, self.kv_caches)
+            return self._forward(batch)
         with self.forward_sync(batch):
-            return self.model(batch, self.kv_caches)
+            return self._forward(batch)
+
+    def _forward(self, batch: ForwardBatch) -> torch.Tensor:
+        if self.graphs is not None and self.graphs.can_run(batch):
+            return self.graphs.run(batch)
+        return self.model(batch, self.kv_caches)
 
     @torch.inference_mode()
     def launch(
@@ -322,10 +329,7 @@ class ModelRunner:
     ) -> StepHandle:
         """Queue the step's device work; returns before it completes (on CUDA)."""
         batch, sample_rows, prompt_spans = self.prepare_batch(sched, kv, prev)
-        if self.graphs is not None and self.graphs.can_run(batch):
-            hidden = self.graphs.run(batch)
-        else:
-            hidden = self.run_model(batch)
+        hidden = self.run_model(batch)
         # Results only for requests that get one (a token or prompt logprobs); the others read as empty.
         handle = StepHandle(sched, {})
         for req, row, pos, count in prompt_spans:
