@@ -8,7 +8,7 @@ L=${1:-tp4ep4}
 extra="--tensor-parallel-size 4 --moe-expert-parallel-size 4"; [ $L = dep4 ] && extra="$extra --enable-attention-dp true"
 log "120b $L"
 serve 120b-$L --model random:gpt-oss-120b --max-batch-size 512 --max-num-tokens 16384 --max-seq-len 4096 --engine-process true $extra $G || { pack $L; exit 1; }
-timeout 60 $B --random-input-len 1024 --random-output-len 256 --max-concurrency 1 --num-prompts 4 --result-filename 120b-$L-b1.json | grep -E "Mean TPOT|Mean TTFT"
+timeout 100 $B --num-warmups 0 --random-input-len 1024 --random-output-len 128 --max-concurrency 1 --num-prompts 2 --result-filename 120b-$L-b1.json | grep -E "Mean TPOT|Mean TTFT"
 timeout 200 $B --random-input-len 1000 --random-output-len 1000 --num-warmups 1 --max-concurrency 512 --num-prompts 512 --result-filename 120b-$L-tput.json | grep -E "throughput|Mean TPOT"
 stop
 grep -E "engine:|KV cache|captured|CUDA graphs|Error|drew" $R/server-120b-$L.log | tail -8

@@ -15,6 +15,7 @@ each request on the rank with the fewest unfinished ones and drives one global s
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -125,6 +126,7 @@ class DataParallelEngine:
         self.max_seq_len = core.max_seq_len
         self.vocab_size = core.vocab_size
         self.num_steps = 0
+        self.step_s = 0.0  # wall seconds inside step(), every rank's forward included
         self.sync = StepSync(0)
         core.runner.forward_sync = self.sync
         # Unfinished requests: id -> (rank, prompt ids, number of samples).
@@ -189,6 +191,13 @@ class DataParallelEngine:
         self.launch.check()
         if not self.requests:
             return []
+        start = time.perf_counter()
+        try:
+            return self._step()
+        finally:
+            self.step_s += time.perf_counter() - start
+
+    def _step(self) -> list[RequestOutput]:
         adds, aborts = self._adds, self._aborts
         self._adds = [[] for _ in range(self.world_size)]
         self._aborts = [[] for _ in range(self.world_size)]
@@ -232,6 +241,10 @@ class DataParallelEngine:
             "kv": kv,
             "num_steps": self.num_steps,
             "num_preemptions": sum(s.get("num_preemptions", 0) for s in per_rank),
+            "num_generated_tokens": sum(s.get("num_generated_tokens", 0) for s in per_rank),
+            "step_seconds": self.step_s,
+            # Rank 0's own wait for its device; the other ranks' steps run inside the global step.
+            "device_wait_seconds": per_rank[0].get("device_wait_seconds", 0.0),
             "requests_per_rank": list(self.load),
         }
 

@@ -131,9 +131,10 @@ class ModelRunner:
         sizes = [s for s in self.config.cuda_graph_config.batch_sizes if s <= self.config.max_batch_size]
         if self.device.type != "cuda" or not sizes:
             return
-        if self.model.parallel.dp_size > 1:
-            # NOTE: attention-DP ranks exchange tokens in shapes that change every step.
-            logger.info("CUDA graphs off: attention data parallelism runs eagerly")
+        if self.model.parallel.is_distributed:
+            # NOTE: capturing the forward's NCCL calls on every rank (each replaying the same bucket through
+            # run_model) hung on 2 H200s (docs/PERFORMANCE.md, run 10); parallel engines run eagerly.
+            logger.info("CUDA graphs off: parallel engines run eagerly")
             return
         if not self.model.ops.graph_safe:
             logger.info("CUDA graphs off: the %s ops are not capture-safe", self.model.ops.name)
