@@ -134,7 +134,7 @@ def test_tensor_and_expert_parallel_match_one_rank(tiny_ckpt, reference, opts):
         assert core.kv.usage()["in_use"] == 0
 
 
-def test_attention_data_parallel_matches_one_rank(tiny_ckpt, reference, monkeypatch):
+def test_attention_data_parallel_matches_one_rank(tiny_ckpt, reference, monkeypatch, caplog):
     """DEP2 through the offline LLM API: requests spread over both ranks' schedulers, MoE shared."""
     from osserve.engine.llm import LLM
 
@@ -154,7 +154,15 @@ def test_attention_data_parallel_matches_one_rank(tiny_ckpt, reference, monkeypa
         assert_holds_only_its_shard(launcher.current_launch(), single_params)
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         assert_same_outputs(dict(enumerate(outs)), ref_done)
-        assert llm.engine.stats()["num_steps"] > 0
+        stats = llm.engine.stats()
+        assert stats["num_steps"] > 0 and stats["step_seconds"] > 0
+        assert stats["num_generated_tokens"] == sum(len(o.outputs[0].token_ids) for o in outs)
+        # The engine's periodic log line reads these counters (a served DEP engine crashed without them).
+        from osserve.engine.async_engine import _ProgressLog
+
+        caplog.set_level("INFO", logger="osserve.engine.async_engine")
+        _ProgressLog({**stats, "num_steps": 0}, interval=0.0).maybe_log(stats)
+        assert "generated tok/s" in caplog.text
         # Both ranks served requests (balanced by count), and every block came back.
         assert llm.engine.stats()["kv"]["in_use"] == 0
         # Text comes from each rank's own detokenizer: same as decoding the tokens here.
