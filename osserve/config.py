@@ -370,7 +370,7 @@ class EngineConfig:
     disable_overlap_scheduler: bool = False
     # Run the engine loop (scheduling, batch preparation, read-back, detokenization) in a process of its own,
     # so that the server's per-token HTTP work does not take the GIL from it. `osserve serve` only; requests
-    # with Python logits processors are refused then. None (default): on for a single-rank engine on CUDA.
+    # with Python logits processors are refused then. None (default): on for an engine on CUDA.
     engine_process: bool | None = None
     kv_cache_config: KvCacheConfig = field(default_factory=KvCacheConfig)
     cuda_graph_config: CudaGraphConfig = field(default_factory=CudaGraphConfig)

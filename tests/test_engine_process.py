@@ -140,7 +140,8 @@ def test_the_default_runs_the_engine_in_process_off_cuda_and_for_several_ranks(t
 
     assert _engine_in_own_process(cfg()) is False  # CPU here
     assert _engine_in_own_process(cfg(engine_process=True)) is True
-    assert _engine_in_own_process(cfg(device="cuda", tensor_parallel_size=2)) is False
+    assert _engine_in_own_process(cfg(tensor_parallel_size=2)) is False  # CPU here
+    assert _engine_in_own_process(cfg(engine_process=False, tensor_parallel_size=2)) is False
     app = create_app(cfg(engine_process=True))
     assert type(app.state.server.engine).__name__ == "ProcessEngine"
     with pytest.raises(ValueError, match="engine_process must be true or false"):

@@ -190,14 +190,12 @@ def create_app(
 
 
 def _engine_in_own_process(config: EngineConfig) -> bool:
-    """`engine_process`, or its default: on for a single-rank engine on CUDA (where the host is the limit)."""
+    """`engine_process`, or its default: on for an engine on CUDA, where the host is the limit (a parallel
+    engine's rank 0 then lives in that process and starts the other ranks from there)."""
     if config.engine_process is not None:
         return config.engine_process
-    from osserve.distributed.parallel import ParallelConfig
     from osserve.engine.factory import resolve_device
 
-    if ParallelConfig.from_engine_config(config).is_distributed:
-        return False
     try:
         return resolve_device(config).type == "cuda"
     except (ValueError, RuntimeError):
