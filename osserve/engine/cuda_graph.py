@@ -43,7 +43,6 @@ class DecodeGraphs:
         self.sliding_table = torch.zeros(n, w, dtype=i32, device=device)
         self.full_slots = torch.zeros(n, dtype=i64, device=device)
         self.sliding_slots = torch.zeros(n, dtype=i64, device=device)
-        self.capture_mode = "thread_local" if model.parallel.is_distributed else "global"
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
 
@@ -75,9 +74,7 @@ class DecodeGraphs:
                 self.model(batch, self.kv_caches)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
-            # Under TP/EP the forward holds NCCL calls; "thread_local" keeps NCCL's watchdog thread, which
-            # queries events while this thread captures, from invalidating the capture.
-            with torch.cuda.graph(graph, pool=pool, capture_error_mode=self.capture_mode):
+            with torch.cuda.graph(graph, pool=pool):
                 self.outputs[b] = self.model(batch, self.kv_caches)
             pool = graph.pool() if pool is None else pool
             self.graphs[b] = graph

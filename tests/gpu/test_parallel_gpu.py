@@ -79,20 +79,13 @@ def test_nccl_attention_data_parallel_matches_one_gpu(tiny_ckpt, one_gpu, monkey
 
 
 def test_triton_kernels_under_tp2_ep2_are_within_bf16(tiny_ckpt):
-    """The GPU path (bf16, Triton attention on a head slice, Triton MoE on half the experts, decode CUDA
-    graphs with the NCCL all-reduces captured) against the single-GPU PyTorch path, by the float32-anchored parity measure of the single-GPU engine test."""
+    """The GPU path (bf16, Triton attention on a head slice, Triton MoE on half the experts; eager, as
+    parallel engines capture no CUDA graphs) against the single-GPU PyTorch path, by the float32-anchored parity measure of the single-GPU engine test."""
     opts = {
         "tensor_parallel_size": 2,
         "moe_expert_parallel_size": 2,
         "attention_backend": "triton",
         "moe_config": {"backend": "triton"},
     }
-    core, _ = build_engine(
-        EngineConfig.from_dict({"model": str(tiny_ckpt), "device": "cuda", **opts}), progress=False
-    )
-    try:  # decode steps replay CUDA graphs on every rank, NCCL calls inside
-        assert core.runner.graphs is not None and core.runner.graphs.graphs
-    finally:
-        launcher.shutdown()
     test, ref, _, _ = compare(str(tiny_ckpt), "cuda", opts)
     assert not verdict(test, ref), f"{verdict(test, ref)}\n{test.summary()}\n{ref.summary()}"
