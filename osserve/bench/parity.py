@@ -19,6 +19,7 @@ import gc
 import json
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,18 +84,29 @@ def _run(checkpoint: str, device: str, opts: dict[str, Any], prompts: list[list[
         EngineConfig.from_dict({"model": str(checkpoint), "device": device, **opts}), progress=False
     )[0]
     try:
-        for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
-            core.add_request(f"r{i}", p, sp)
-        done = {}
-        while core.has_unfinished():
-            for out in core.step():
-                if out.finished:
-                    done[int(out.request_id[1:])] = out
+        done = run_to_completion(core, prompts, params)
     finally:
         del core
         launcher.shutdown()  # the ranks of a parallel engine, if `opts` made one
         gc.collect()
     return [done[i] for i in range(len(prompts))]
+
+
+def run_to_completion(
+    core: Any, prompts: list[list[int]], params: list, after_step: Callable[[], None] | None = None
+) -> dict[int, Any]:
+    """Add request i ("r{i}") for each prompt and step `core` until all finish; {i: final RequestOutput}.
+    `after_step` runs after every step (tests check the engine's bookkeeping there)."""
+    for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
+        core.add_request(f"r{i}", p, sp)
+    done = {}
+    while core.has_unfinished():
+        for out in core.step():
+            if out.finished:
+                done[int(out.request_id[1:])] = out
+        if after_step is not None:
+            after_step()
+    return done
 
 
 def generate(
