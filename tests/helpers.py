@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 
-from osserve.bench.parity import run_to_completion
 from osserve.engine.batch import ForwardBatch
 from osserve.model.gpt_oss import GptOssModel
 
@@ -67,12 +66,16 @@ def run_requests(core, prompts, params, check_invariant=True, check_freed=True):
     """Run requests to completion on an EngineCore; returns {index: RequestOutput}. `check_invariant`: the
     block accounting adds up after every step; `check_freed`: no block is held at the end."""
     params = params if isinstance(params, list) else [params] * len(prompts)
-
-    def invariant() -> None:
-        u = core.kv.usage()
-        assert u["in_use"] + u["cached"] + u["free"] == u["total"], u
-
-    done = run_to_completion(core, prompts, params, invariant if check_invariant else None)
+    for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
+        core.add_request(f"r{i}", p, sp)
+    done = {}
+    while core.has_unfinished():
+        for out in core.step():
+            if out.finished:
+                done[int(out.request_id[1:])] = out
+        if check_invariant:
+            u = core.kv.usage()
+            assert u["in_use"] + u["cached"] + u["free"] == u["total"], u
     if check_freed:
         assert core.kv.usage()["in_use"] == 0
     return done

@@ -19,13 +19,11 @@ import gc
 import json
 import random
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from osserve.config import EngineConfig
 from osserve.distributed import launcher
-from osserve.engine.factory import build_engine
+from osserve.engine.llm import LLM
 from osserve.sampling_params import SamplingParams
 
 # The PyTorch reference path: PyTorch attention and MoE, no CUDA graphs.
@@ -80,33 +78,13 @@ KV_BLOCKS = 4096
 
 def _run(checkpoint: str, device: str, opts: dict[str, Any], prompts: list[list[int]], params: list) -> list:
     opts = {**opts, "kv_cache_config": {"max_blocks": KV_BLOCKS, **opts.get("kv_cache_config", {})}}
-    core = build_engine(
-        EngineConfig.from_dict({"model": str(checkpoint), "device": device, **opts}), progress=False
-    )[0]
+    llm = LLM(model=str(checkpoint), device=device, **opts)
     try:
-        done = run_to_completion(core, prompts, params)
+        return llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     finally:
-        del core
+        del llm
         launcher.shutdown()  # the ranks of a parallel engine, if `opts` made one
         gc.collect()
-    return [done[i] for i in range(len(prompts))]
-
-
-def run_to_completion(
-    core: Any, prompts: list[list[int]], params: list, after_step: Callable[[], None] | None = None
-) -> dict[int, Any]:
-    """Add request i ("r{i}") for each prompt and step `core` until all finish; {i: final RequestOutput}.
-    `after_step` runs after every step (tests check the engine's bookkeeping there)."""
-    for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
-        core.add_request(f"r{i}", p, sp)
-    done = {}
-    while core.has_unfinished():
-        for out in core.step():
-            if out.finished:
-                done[int(out.request_id[1:])] = out
-        if after_step is not None:
-            after_step()
-    return done
 
 
 def generate(
@@ -177,12 +155,8 @@ def compare(
     budget = {"max_num_tokens": opts.get("max_num_tokens", 64)}
     test = generate(checkpoint, device, {**budget, **opts, "dtype": dtype}, prompts, lens)
     ref = generate(checkpoint, device, {**TORCH_PATH, **budget, "dtype": dtype}, prompts, lens)
-    return (
-        measure(test, score(checkpoint, device, prompts, test)),
-        measure(ref, score(checkpoint, device, prompts, ref)),
-        test,
-        ref,
-    )
+    views = score(checkpoint, device, prompts + prompts, test + ref)  # one float32 engine scores both
+    return measure(test, views[:n]), measure(ref, views[n:]), test, ref
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -311,9 +311,8 @@ class ModelRunner:
         return sb
 
     def run_model(self, batch: ForwardBatch) -> torch.Tensor:
-        """Final hidden states of `batch`. Every rank of a parallel engine runs each forward through here:
-        the workers get the same batch, so they replay the same graph bucket (whose NCCL calls then match
-        rank 0's) or run the same eager forward."""
+        """Final hidden states of `batch`, from a captured decode graph where one fits. Every rank of a
+        parallel engine runs each forward through here, on the same batch."""
         if self.forward_sync is None:
             return self._forward(batch)
         with self.forward_sync(batch):
