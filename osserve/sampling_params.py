@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 # A logits processor sees the tokens generated so far and the row of logits for the next one, and returns
 # the (possibly modified) row. It runs on the host side per request, so it costs a sync: use sparingly.
@@ -44,6 +46,9 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    # Whether outputs carry text. Clients that read only token ids (the chat and responses endpoints,
+    # which parse Harmony from the ids) turn it off and skip detokenization; stop strings need it on.
+    detokenize: bool = True
     output_kind: OutputKind = OutputKind.CUMULATIVE
     logits_processors: list[LogitsProcessor] = field(default_factory=list)
 
@@ -99,6 +104,8 @@ class SamplingParams:
             raise bad("stop", "a non-empty string or a list of non-empty strings")
         if any(not is_int(t) or t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "a list of non-negative integers")
+        if self.stop and not self.detokenize:
+            raise ValueError("stop strings need detokenize (the text) on")
         if not isinstance(self.output_kind, OutputKind):
             raise bad("output_kind", f"one of {[k.value for k in OutputKind]}")
 
@@ -136,3 +143,24 @@ class SamplingParams:
                 f"beyond max_seq_len ({max_seq_len})"
             )
         return max_tokens
+
+    # -- the wire (engine process, remote workers) --------------------------------------------------------
+    def to_wire(self) -> dict[str, Any]:
+        """As plain data; logits processors (code) cannot cross processes."""
+        if self.logits_processors:
+            raise ValueError("logits processors (Python callables) cannot be sent to another process")
+        out = {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "logits_processors"
+        }
+        out["output_kind"] = self.output_kind.value
+        return out
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> SamplingParams:
+        names = {f.name for f in dataclasses.fields(cls)} - {"logits_processors"}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown sampling parameter(s) {', '.join(unknown)}")
+        data = dict(data)
+        data["output_kind"] = OutputKind(data.get("output_kind", OutputKind.DELTA.value))
+        return cls(**data)

@@ -63,7 +63,7 @@ def prefill_batch(
 
 
 def run_requests(core, prompts, params, check_invariant=True, check_freed=True):  # noqa: ANN001, ANN201
-    """Run requests to completion on an EngineCore; returns {index: RequestOutput}. `check_invariant`: the
+    """Run requests to completion on an LLMEngine; returns {index: RequestOutput}. `check_invariant`: the
     block accounting adds up after every step; `check_freed`: no block is held at the end."""
     params = params if isinstance(params, list) else [params] * len(prompts)
     for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):

@@ -12,6 +12,8 @@ import torch
 from osserve.config import EngineConfig
 from osserve.engine.factory import build_engine
 from osserve.engine.handoff import HandoffState, KVHandoff
+from osserve.engine.llm_engine import LLMEngine
+from osserve.harmony.encoding import get_tokenizer
 from osserve.sampling_params import OutputKind, SamplingParams
 
 OPTS = {
@@ -26,11 +28,8 @@ def engines(tiny_ckpt):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     config = EngineConfig.from_dict({"model": str(tiny_ckpt), **OPTS})
-    from osserve.harmony.encoding import get_tokenizer
-
     tok = get_tokenizer()
-    cores = [build_engine(config, tok, progress=False)[0] for _ in range(3)]
-    yield cores
+    yield [LLMEngine(build_engine(config, progress=False)[0], tok) for _ in range(3)]
     torch.set_num_threads(threads)
 
 
@@ -41,46 +40,51 @@ def _workload(n: int, seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(1000, 190000) for _ in range(k)] for k in lengths[:n]]
 
 
-def _run_to_end(core, until=None) -> None:
-    while core.has_unfinished():
-        core.step()
-
-
 def _greedy(max_tokens: int = 6) -> SamplingParams:
     return SamplingParams(
         temperature=0.0, max_tokens=max_tokens, output_kind=OutputKind.DELTA, ignore_eos=True
     )
 
 
-def _reference(core, prompts, params) -> dict[str, list[int]]:
+def _reference(eng: LLMEngine, prompts, params) -> dict[str, list[int]]:
     out: dict[str, list[int]] = {}
     for i, p in enumerate(prompts):
-        core.add_request(f"ref{i}", p, params)
-    while core.has_unfinished():
-        for o in core.step():
+        eng.add_request(f"ref{i}", p, params)
+    while eng.has_unfinished():
+        for o in eng.step():
             out.setdefault(o.request_id, []).extend(o.outputs[0].token_ids)
     return {k.removeprefix("ref"): v for k, v in out.items()}
 
 
+def _prefill_only(eng: LLMEngine, hp: KVHandoff, rid: str, prompt: list[int], params: SamplingParams) -> None:
+    eng.adopt(rid, lambda core, h: hp.add_prefill_only(rid, prompt, params, h), params, prompt)
+
+
+def _continue(eng: LLMEngine, hd: KVHandoff, rid: str, prompt, params, state: HandoffState) -> None:
+    restore = (state.output_token_ids, state.num_sent_chars, state.cumulative_logprob)
+    eng.adopt(rid, lambda core, h: hd.start_continued(rid, state, h), params, prompt, restore)
+
+
 def test_prefill_export_import_continue_equals_one_engine(engines):
-    ref_core, pre, dec = engines
+    ref, pre, dec = engines
     prompts = _workload(12)
     params = _greedy()
-    want = _reference(ref_core, prompts, params)
+    want = _reference(ref, prompts, params)
 
-    hp, hd = KVHandoff(pre), KVHandoff(dec)
+    hp, hd = KVHandoff(pre.core), KVHandoff(dec.core)
+    pre.after_step = hp.after_step
     base_p, base_d = pre.kv.usage()["in_use"], dec.kv.usage()["in_use"]
     for i, p in enumerate(prompts):
-        hp.add_prefill_only(str(i), p, params)
+        _prefill_only(pre, hp, str(i), p, params)
     firsts: dict[str, HandoffState] = {}
     got: dict[str, list[int]] = {}
     while pre.has_unfinished():
-        outs = pre.step()
-        hp.after_step(pre, outs)
-        for o in outs:
+        for o in pre.step():
             got.setdefault(o.request_id, []).extend(o.outputs[0].token_ids)
             if "handoff" in o.extra:
+                assert o.finished and o.outputs[0].finish_reason is None
                 firsts[o.request_id] = o.extra["handoff"]
+    pre.after_step = None
     assert set(firsts) == {str(i) for i in range(len(prompts))}
     assert all(len(s.output_token_ids) == 1 for s in firsts.values())
     assert len(hp.held) == len(prompts)
@@ -90,7 +94,7 @@ def test_prefill_export_import_continue_equals_one_engine(engines):
         assert hd.reserve(rid, prompts[int(rid)], params)
         hd.write(rid, kv.full, kv.sliding)
         assert hp.release(rid)
-        hd.start_continued(rid, state)
+        _continue(dec, hd, rid, prompts[int(rid)], params, state)
     assert pre.kv.usage()["in_use"] == base_p and not hp.held
     while dec.has_unfinished():
         for o in dec.step():
@@ -100,16 +104,23 @@ def test_prefill_export_import_continue_equals_one_engine(engines):
 
 
 def test_resume_without_kv_replays_generated_tokens(engines):
-    ref_core, _, dec = engines
+    ref, _, dec = engines
     prompts = _workload(6, seed=1)
     params = _greedy(8)
-    want = _reference(ref_core, prompts, params)
-    hd = KVHandoff(dec)
+    want = _reference(ref, prompts, params)
+    hd = KVHandoff(dec.core)
     got = {}
     for i, p in enumerate(prompts):
         k = i % 5 + 1  # tokens the dead decode worker had already sent
         got[str(i)] = list(want[str(i)][:k])
-        hd.start_resumed(str(i), p, params, HandoffState(list(want[str(i)][:k])))
+        state = HandoffState(list(want[str(i)][:k]))
+        dec.adopt(
+            str(i),
+            lambda core, h, i=i, p=p, state=state: hd.start_resumed(str(i), p, params, state, h),
+            params,
+            p,
+            (state.output_token_ids, 0, 0.0),
+        )
     while dec.has_unfinished():
         for o in dec.step():
             got[o.request_id].extend(o.outputs[0].token_ids)
@@ -118,13 +129,15 @@ def test_resume_without_kv_replays_generated_tokens(engines):
 
 def test_release_and_cancel_free_every_block(engines):
     _, pre, dec = engines
-    hp, hd = KVHandoff(pre), KVHandoff(dec)
+    hp, hd = KVHandoff(pre.core), KVHandoff(dec.core)
+    pre.after_step = hp.after_step
     base_p, base_d = pre.kv.usage()["in_use"], dec.kv.usage()["in_use"]
     prompts = _workload(8, seed=2)
     for i, p in enumerate(prompts):
-        hp.add_prefill_only(str(i), p, _greedy())
+        _prefill_only(pre, hp, str(i), p, _greedy())
     pre.step()
-    hp.after_step(pre, pre.step())
+    pre.step()
+    pre.after_step = None
     # Some held, some still prefilling: abort all, release all.
     pre.abort([str(i) for i in range(len(prompts))])
     for i in range(len(prompts)):
@@ -134,72 +147,73 @@ def test_release_and_cancel_free_every_block(engines):
     assert dec.kv.usage()["in_use"] > base_d
     assert hd.release("x") and not hd.release("x")
     assert dec.kv.usage()["in_use"] == base_d
+    while pre.has_unfinished():  # the step in flight when the requests were aborted
+        pre.step()
 
 
 def test_write_rejects_a_mismatched_layout(engines):
     _, _, dec = engines
-    hd = KVHandoff(dec)
+    hd = KVHandoff(dec.core)
     assert hd.reserve("bad", list(range(1000, 1040)), _greedy())
     with pytest.raises(ValueError, match="expected"):
         hd.write("bad", torch.zeros(1, 2, 1, 16, 2, 16), None)
     hd.release("bad")
 
 
+def _move(hp: KVHandoff, hd: KVHandoff, dec: LLMEngine, rid: str, prompt, params, state) -> None:
+    kv = hp.export(rid)
+    assert hd.reserve(rid, prompt, params)
+    hd.write(rid, kv.full, kv.sliding)
+    hp.release(rid)
+    _continue(dec, hd, rid, prompt, params, state)
+
+
 def test_seeded_sampling_continues_its_random_stream(engines):
-    ref_core, pre, dec = engines
+    ref, pre, dec = engines
     prompts = _workload(4, seed=3)
     params = SamplingParams(
         temperature=1.0, seed=7, max_tokens=6, output_kind=OutputKind.DELTA, ignore_eos=True
     )
-    want = _reference(ref_core, prompts, params)
-    hp, hd = KVHandoff(pre), KVHandoff(dec)
+    want = _reference(ref, prompts, params)
+    hp, hd = KVHandoff(pre.core), KVHandoff(dec.core)
+    pre.after_step = hp.after_step
     got: dict[str, list[int]] = {}
     for i, p in enumerate(prompts):
-        hp.add_prefill_only(f"s{i}", p, params)
+        _prefill_only(pre, hp, f"s{i}", p, params)
     while pre.has_unfinished():
-        outs = pre.step()
-        hp.after_step(pre, outs)
-        for o in outs:
+        for o in pre.step():
             got.setdefault(o.request_id.removeprefix("s"), []).extend(o.outputs[0].token_ids)
             if "handoff" in o.extra:
-                kv = hp.export(o.request_id)
-                assert hd.reserve(o.request_id, prompts[int(o.request_id[1:])], params)
-                hd.write(o.request_id, kv.full, kv.sliding)
-                hp.release(o.request_id)
-                hd.start_continued(o.request_id, o.extra["handoff"])
+                rid = o.request_id
+                _move(hp, hd, dec, rid, prompts[int(rid[1:])], params, o.extra["handoff"])
+    pre.after_step = None
     while dec.has_unfinished():
         for o in dec.step():
             got[o.request_id.removeprefix("s")].extend(o.outputs[0].token_ids)
     assert got == want
 
 
-def _text_run(core, rid, prompt, params, handoff_to=None):
-    """Run one request to the end; with `handoff_to` (pre, dec handoffs) it moves after its first token.
+def _text_run(eng, rid, prompt, params, handoff_to=None):
+    """Run one request to the end; with `handoff_to` ((pre, hp), (dec, hd)) it moves after its first token.
     Returns (text deltas joined, finish reason, stop reason)."""
     text, finish, stop = "", None, None
     if handoff_to is None:
-        core.add_request(rid, prompt, params)
-        engines = [(core, None)]
+        eng.add_request(rid, prompt, params)
+        engines = [eng]
     else:
         (pre, hp), (dec, hd) = handoff_to
-        hp.add_prefill_only(rid, prompt, params)
-        engines = [(pre, hp), (dec, hd)]
-    for eng, h in engines:
-        while eng.has_unfinished():
-            outs = eng.step()
-            if h is not None:
-                h.after_step(eng, outs)
-            for o in outs:
+        pre.after_step = hp.after_step
+        _prefill_only(pre, hp, rid, prompt, params)
+        engines = [pre, dec]
+    for e in engines:
+        while e.has_unfinished():
+            for o in e.step():
                 text += o.outputs[0].text
                 finish, stop = o.outputs[0].finish_reason or finish, o.outputs[0].stop_reason or stop
                 if "handoff" in o.extra:
-                    (_, hp), (_, hd) = handoff_to
-                    kv = hp.export(rid)
-                    assert hd.reserve(rid, prompt, params)
-                    hd.write(rid, kv.full, kv.sliding)
-                    hp.release(rid)
-                    hd.start_continued(rid, o.extra["handoff"])
+                    _move(hp, hd, dec, rid, prompt, params, o.extra["handoff"])
                     finish = None
+        e.after_step = None
         if finish is not None:
             break
     return text, finish, stop
@@ -207,12 +221,12 @@ def _text_run(core, rid, prompt, params, handoff_to=None):
 
 def test_stop_string_across_the_handoff_is_held_back_and_cut_alike(engines):
     """Text held back on the prefill side (a possible stop-string start) is sent by the decode side."""
-    ref_core, pre, dec = engines
-    tok = ref_core.tokenizer
+    ref, pre, dec = engines
+    tok = get_tokenizer()
     prompt = list(range(3000, 3030))
     free = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, output_kind=OutputKind.DELTA)
-    full, _, _ = _text_run(ref_core, "free", prompt, free)
-    ids = _reference(ref_core, [prompt], free)["0"]
+    full, _, _ = _text_run(ref, "free", prompt, free)
+    ids = _reference(ref, [prompt], free)["0"]
     first = tok.decode(ids[:1])
     assert len(first) >= 1 and len(full) > len(first) + 1
     # A stop string that starts inside the first token's text and ends in a later token's.
@@ -220,7 +234,9 @@ def test_stop_string_across_the_handoff_is_held_back_and_cut_alike(engines):
     params = SamplingParams(
         temperature=0.0, max_tokens=6, ignore_eos=True, output_kind=OutputKind.DELTA, stop=[stop]
     )
-    want = _text_run(ref_core, "one", prompt, params)
+    want = _text_run(ref, "one", prompt, params)
     assert want[1] == "stop" and want[2] == stop
-    got = _text_run(None, "moved", prompt, params, handoff_to=((pre, KVHandoff(pre)), (dec, KVHandoff(dec))))
+    got = _text_run(
+        None, "moved", prompt, params, handoff_to=((pre, KVHandoff(pre.core)), (dec, KVHandoff(dec.core)))
+    )
     assert got == want

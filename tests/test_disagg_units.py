@@ -148,6 +148,7 @@ def test_remote_engine_over_a_both_worker(tiny_ckpt):
     from osserve.distributed.disagg.remote_engine import FrontendSettings, RemoteEngine
     from osserve.distributed.disagg.worker import Worker, WorkerOptions
     from osserve.engine.factory import build_engine
+    from osserve.engine.llm_engine import LLMEngine
     from osserve.harmony.encoding import get_tokenizer
 
     tok = get_tokenizer()
@@ -164,7 +165,7 @@ def test_remote_engine_over_a_both_worker(tiny_ckpt):
     torch.set_num_threads(1)
     prompt = list(range(2000, 2040))
     greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=1)
-    core, _ = build_engine(config, tok, progress=False)
+    core = LLMEngine(build_engine(config, progress=False)[0], tok)
     core.add_request("ref", prompt, greedy)
     while core.has_unfinished():
         for o in core.step():

@@ -12,12 +12,14 @@ from helpers import run_requests as run
 
 from osserve.config import EngineConfig
 from osserve.engine.factory import build_engine
+from osserve.engine.llm_engine import LLMEngine
+from osserve.harmony.encoding import get_tokenizer
 from osserve.sampling_params import SamplingParams
 
 
 def make_engine(ckpt, **opts):
     core, _ = build_engine(EngineConfig.from_dict({"model": str(ckpt), **opts}), progress=False)
-    return core
+    return LLMEngine(core, get_tokenizer())
 
 
 def workload(n=32, seed=0, vocab=199998, max_prompt=60, max_out=30):

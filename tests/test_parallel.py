@@ -23,6 +23,8 @@ from osserve.config import EngineConfig
 from osserve.distributed import launcher
 from osserve.distributed.launcher import RankFailedError
 from osserve.engine.factory import build_engine
+from osserve.engine.llm_engine import LLMEngine
+from osserve.harmony.encoding import get_tokenizer
 from osserve.sampling_params import SamplingParams
 
 # Small KV pools: allocation stays cheap, and the agreed size is checked on every rank.
@@ -62,7 +64,7 @@ def one_thread():
 def parallel_engine(ckpt, **opts):
     core, _ = build_engine(EngineConfig.from_dict({"model": str(ckpt), **BASE, **opts}), progress=False)
     try:
-        yield core
+        yield LLMEngine(core, get_tokenizer())
     finally:
         launcher.shutdown()
 
@@ -73,7 +75,7 @@ def reference(tiny_ckpt):
     with one_thread():
         core, _ = build_engine(EngineConfig.from_dict({"model": str(tiny_ckpt), **BASE}), progress=False)
         single_params = {n: p.numel() * p.element_size() for n, p in core.runner.model.named_parameters()}
-        return prompts, params, run(core, prompts, params), single_params
+        return prompts, params, run(LLMEngine(core, get_tokenizer()), prompts, params), single_params
 
 
 def assert_same_outputs(done, reference_done) -> None:
@@ -158,10 +160,10 @@ def test_attention_data_parallel_matches_one_rank(tiny_ckpt, reference, monkeypa
         assert stats["num_steps"] > 0 and stats["step_seconds"] > 0
         assert stats["num_generated_tokens"] == sum(len(o.outputs[0].token_ids) for o in outs)
         # The engine's periodic log line reads these counters (a served DEP engine crashed without them).
-        from osserve.engine.async_engine import _ProgressLog
+        from osserve.engine.async_engine import ProgressLog
 
         caplog.set_level("INFO", logger="osserve.engine.async_engine")
-        _ProgressLog({**stats, "num_steps": 0}, interval=0.0).maybe_log(stats)
+        ProgressLog({**stats, "num_steps": 0}, interval=0.0).maybe_log(stats)
         assert "generated tok/s" in caplog.text
         # Both ranks served requests (balanced by count), and every block came back.
         assert llm.engine.stats()["kv"]["in_use"] == 0
@@ -173,7 +175,7 @@ def test_attention_data_parallel_matches_one_rank(tiny_ckpt, reference, monkeypa
             llm.engine.add_request(
                 f"a{i}", prompts[5], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)
             )
-        assert llm.engine.requests["a1"][0] == 1
+        assert llm.engine.core.load == [1, 1]
         llm.engine.step()
         aborted = llm.engine.abort(["a1"])
         assert aborted and aborted[0].finished and aborted[0].outputs[0].finish_reason == "abort"
@@ -182,8 +184,9 @@ def test_attention_data_parallel_matches_one_rank(tiny_ckpt, reference, monkeypa
             assert [o.request_id for o in llm.engine.step()] == ["a0"]
         assert llm.engine.stats()["num_running"] == 1
         # One forward per rank per global step, idle ones included (rank 1 sat out at least the last 3).
-        assert llm.engine.sync.num_forwards == llm.engine.num_steps
-        assert llm.engine.rank_stats[1]["num_steps"] < llm.engine.num_steps - 3
+        dp = llm.engine.core
+        assert dp.sync.num_forwards == dp.num_steps
+        assert dp.rank_stats[1]["num_steps"] < dp.num_steps - 3
         llm.engine.abort(["a0"])
         assert not llm.engine.has_unfinished()
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts[:4]], params[:4], use_tqdm=False)
@@ -257,8 +260,10 @@ def test_torchrun_ranks_match_one_rank(tiny_ckpt, reference, tmp_path):
         "    from osserve.distributed.worker import main; sys.exit(main())\n"
         "from osserve.config import EngineConfig; from osserve.distributed import launcher\n"
         "from osserve.engine.factory import build_engine; from osserve.sampling_params import SamplingParams\n"
+        "from osserve.engine.llm_engine import LLMEngine\n"
         f"core, _ = build_engine(EngineConfig.from_dict({{'model': {str(tiny_ckpt)!r}, 'tensor_parallel_size': 2, "
         f"'moe_expert_parallel_size': 2, **{BASE!r}}}), progress=False)\n"
+        "core = LLMEngine(core)\n"
         f"prompts = {prompts!r}\n"
         f"lens = {[p.max_tokens for p in params]!r}\n"
         "for i, (p, n) in enumerate(zip(prompts, lens)):\n"

@@ -20,7 +20,7 @@ def test_loading_then_ready(tiny_checkpoint) -> None:  # noqa: ANN001
 
     def slow_load():  # noqa: ANN202
         release.wait(60)
-        return build_engine(config, app.state.server.tokenizer, progress=False)
+        return build_engine(config, progress=False)
 
     app = create_app(config, core_factory=slow_load)
     with serve_in_thread(app, wait=False) as url:

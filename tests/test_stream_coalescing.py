@@ -95,10 +95,10 @@ def test_a_lagging_consumer_gets_what_waited_as_one_output(engine, kind: OutputK
 
 
 def test_progress_log_says_where_step_time_went(caplog) -> None:  # noqa: ANN001
-    from osserve.engine.async_engine import _ProgressLog
+    from osserve.engine.async_engine import ProgressLog
 
     base = {"num_steps": 0, "num_generated_tokens": 0, "step_seconds": 0.0, "device_wait_seconds": 0.0}
-    log = _ProgressLog({**base, "num_running": 0, "num_waiting": 0}, interval=0.0)
+    log = ProgressLog({**base, "num_running": 0, "num_waiting": 0}, interval=0.0)
     log.t -= 2.0  # two seconds of which one was idle
     log.idle = 1.0
     stats = {

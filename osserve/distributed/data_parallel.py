@@ -27,7 +27,7 @@ from osserve.distributed.parallel import dp_step
 from osserve.distributed.supervisor import Launch
 from osserve.engine.batch import ForwardBatch
 from osserve.engine.engine import EngineCore
-from osserve.engine.outputs import CompletionOutput, RequestOutput
+from osserve.engine.outputs import EngineCoreOutputs, concat_outputs
 from osserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -73,21 +73,20 @@ def idle_batch(runner: Any) -> ForwardBatch:
     )
 
 
-def rank_step(core: EngineCore, sync: StepSync, adds: list, aborts: list[str]) -> dict[str, Any]:
+def rank_step(core: EngineCore, sync: StepSync, adds: list, aborts: list[int]) -> EngineCoreOutputs:
     """One global step on one rank: apply rank 0's part, step the engine (or idle), report."""
-    for rid in aborts:
-        core.abort([rid])
-    errors = []
-    for rid, ids, params, prompt in adds:
+    core.abort(aborts)
+    for rid, ids, params, handle in adds:
         try:
-            core.add_request(rid, ids, params, prompt)
+            core.add_request(rid, ids, params, handle)
         except ValueError as e:
-            errors.append((rid, str(e)))
+            core.refuse(handle, str(e))
     before = sync.num_forwards
     outputs = core.step()
     if sync.num_forwards == before:
         core.runner.run_model(idle_batch(core.runner))
-    return {"outputs": outputs, "errors": errors, "stats": core.stats()}
+    outputs.stats = core.stats()
+    return outputs
 
 
 def serve_rank(core: EngineCore) -> None:
@@ -105,13 +104,6 @@ def serve_rank(core: EngineCore) -> None:
         comm.gather_to_rank0(reply)
 
 
-def _final_output(
-    rid: str, prompt_ids: list[int], n: int, reason: str, error: str | None = None
-) -> RequestOutput:
-    outs = [CompletionOutput(i, "", [], None, None, finish_reason=reason) for i in range(n)]
-    return RequestOutput(rid, None, prompt_ids, None, outs, finished=True, error=error)
-
-
 class DataParallelEngine:
     """Rank 0's engine under attention DP: EngineCore's interface over the cores of all ranks."""
 
@@ -122,82 +114,88 @@ class DataParallelEngine:
         self.config = core.config
         self.runner = core.runner
         self.kv = core.kv
-        self.tokenizer = core.tokenizer
         self.max_seq_len = core.max_seq_len
         self.vocab_size = core.vocab_size
         self.num_steps = 0
         self.step_s = 0.0  # wall seconds inside step(), every rank's forward included
         self.sync = StepSync(0)
         core.runner.forward_sync = self.sync
-        # Unfinished requests: id -> (rank, prompt ids, number of samples).
-        self.requests: dict[str, tuple[int, list[int], int]] = {}
+        # Unfinished requests by first handle: [rank, handles, samples not finished yet].
+        self.requests: dict[int, list] = {}
+        self.first_of: dict[int, int] = {}  # sample handle -> its request's first handle
         self.load = [0] * self.world_size
         self._adds: list[list] = [[] for _ in range(self.world_size)]
-        self._aborts: list[list[str]] = [[] for _ in range(self.world_size)]
+        self._aborts: list[list[int]] = [[] for _ in range(self.world_size)]
+        self._errors: list[tuple[int, str]] = []
         self.rank_stats: list[dict[str, Any]] = [core.stats() for _ in range(self.world_size)]
 
     # -- requests --------------------------------------------------------------------------------------
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, handle: int
     ) -> None:
         """Queue a request on the least-loaded rank; raises ValueError (naming the field) if it can never
-        be served. The checks are EngineCore.add_request's; should they drift, the rank's own check still
-        fails the request (finish_reason "error")."""
+        be served (EngineCore's checks, on rank 0's copy of the limits; should they drift, the rank's own
+        check still refuses the request)."""
         self.launch.check()
-        if request_id in self.requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        cfg, n = self.config, len(prompt_token_ids)
-        max_tokens = params.check_request(n, self.vocab_size, self.max_seq_len, prompt_token_ids)
-        if not cfg.enable_chunked_prefill and n > cfg.max_num_tokens:
-            raise ValueError(
-                f"prompt has {n} tokens, beyond max_num_tokens ({cfg.max_num_tokens}) and enable_chunked_prefill is off"
-            )
-        need = self.kv.max_blocks_for(n + max_tokens, cfg.max_num_tokens)
-        if need > self.kv.pool.num_usable:
-            raise ValueError(
-                f"prompt plus max_tokens needs {need} KV blocks, the whole cache holds {self.kv.pool.num_usable}; "
-                "lower max_tokens or give the KV cache more memory"
-            )
+        if handle in self.requests:
+            raise ValueError(f"request {request_id!r}: handle {handle} is already in use")
+        self.local.check_request(prompt_token_ids, params)
         rank = min(range(self.world_size), key=lambda r: (self.load[r], r))
-        self.requests[request_id] = (rank, list(prompt_token_ids), params.n)
+        handles = list(range(handle, handle + params.n))
+        self.requests[handle] = [rank, handles, params.n]
+        for h in handles:
+            self.first_of[h] = handle
         self.load[rank] += 1
-        self._adds[rank].append((request_id, list(prompt_token_ids), params, prompt))
+        self._adds[rank].append((request_id, list(prompt_token_ids), params, handle))
 
-    def abort(self, request_ids: Sequence[str]) -> list[RequestOutput]:
-        outs: list[RequestOutput] = []
-        for rid in request_ids:
-            entry = self.requests.pop(rid, None)
+    def refuse(self, handle: int, message: str) -> None:
+        self._errors.append((handle, message))
+
+    def abort(self, handles: Sequence[int]) -> None:
+        for h in handles:
+            first = self.first_of.pop(h, None)
+            entry = self.requests.get(first) if first is not None else None
             if entry is None:
                 continue
-            rank, prompt_ids, n = entry
-            self.load[rank] -= 1
-            pending = [a for a in self._adds[rank] if a[0] == rid]
+            rank = entry[0]
+            pending = [a for a in self._adds[rank] if a[3] == first]
             if pending:
                 self._adds[rank].remove(pending[0])
             elif rank == 0:
-                outs += self.local.abort([rid])
-                continue
+                self.local.abort([h])
             else:
-                self._aborts[rank].append(rid)
-            # NOTE: the rank that held it frees its blocks at the next step; its tokens stay there.
-            outs.append(_final_output(rid, prompt_ids, n, "abort"))
-        return outs
+                # NOTE: the rank that held it frees its blocks at the next step.
+                self._aborts[rank].append(h)
+            self._done(first, 1)
+
+    def _done(self, first: int, num_samples: int) -> None:
+        entry = self.requests.get(first)
+        if entry is None:
+            return
+        entry[2] -= num_samples
+        if entry[2] <= 0:
+            del self.requests[first]
+            self.load[entry[0]] -= 1
+            for h in entry[1]:
+                self.first_of.pop(h, None)
 
     def has_unfinished(self) -> bool:
-        return bool(self.requests)
+        return bool(self.requests) or bool(self._errors)
 
     # -- the global step -------------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> EngineCoreOutputs:
         self.launch.check()
         if not self.requests:
-            return []
+            out = EngineCoreOutputs.empty()
+            out.errors, self._errors = self._errors, []
+            return out
         start = time.perf_counter()
         try:
             return self._step()
         finally:
             self.step_s += time.perf_counter() - start
 
-    def _step(self) -> list[RequestOutput]:
+    def _step(self) -> EngineCoreOutputs:
         adds, aborts = self._adds, self._aborts
         self._adds = [[] for _ in range(self.world_size)]
         self._aborts = [[] for _ in range(self.world_size)]
@@ -209,24 +207,24 @@ class DataParallelEngine:
         with self.launch.guard():
             comm.send_control(msg)
             mine = rank_step(self.local, self.sync, adds[0], aborts[0])
-            replies: list[dict[str, Any]] = comm.gather_to_rank0(mine)  # type: ignore[assignment]
+            replies: list[EngineCoreOutputs] = comm.gather_to_rank0(mine)  # type: ignore[assignment]
         self.num_steps += 1
-        outputs: list[RequestOutput] = []
         for rank, reply in enumerate(replies):
-            self.rank_stats[rank] = reply["stats"]
-            for rid, error in reply["errors"]:
-                entry = self.requests.pop(rid, None)
+            self.rank_stats[rank] = reply.stats or {}
+            for first, _ in reply.errors:
+                entry = self.requests.get(first)
                 if entry is not None:
-                    self.load[rank] -= 1
-                    outputs.append(_final_output(rid, entry[1], entry[2], "error", error))
-            for out in reply["outputs"]:
-                if out.request_id not in self.requests:
-                    continue  # aborted on rank 0 since
-                if out.finished:
-                    del self.requests[out.request_id]
-                    self.load[rank] -= 1
-                outputs.append(out)
-        return outputs
+                    self._done(first, entry[2])
+            if len(reply):
+                for h in reply.handles[reply.finish != 0].tolist():
+                    first = self.first_of.pop(h, None)
+                    if first is not None:
+                        self._done(first, 1)
+        out = concat_outputs(replies)
+        if self._errors:
+            out.errors = out.errors + self._errors
+            self._errors = []
+        return out
 
     # -- state -----------------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

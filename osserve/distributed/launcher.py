@@ -150,18 +150,7 @@ def _stop(procs: dict[int, subprocess.Popen]) -> None:
         p.wait()
 
 
-def tokenizer_spec(tokenizer: Any) -> Any:
-    """How a worker gets the same tokenizer: the Harmony one by name, others pickled as they are."""
-    if tokenizer is None:
-        return None
-    from osserve.harmony.encoding import Tokenizer as HarmonyTokenizer
-
-    if isinstance(tokenizer, HarmonyTokenizer):
-        return "harmony"
-    return tokenizer
-
-
-def launch_engine(config: EngineConfig, tokenizer: Any, progress: bool) -> tuple[Any, str]:
+def launch_engine(config: EngineConfig, progress: bool) -> tuple[Any, str]:
     """Start every rank of the parallel engine `config` asks for; returns rank 0's engine and model name."""
     from osserve.engine.factory import build_engine, resolve_device
 
@@ -212,12 +201,11 @@ def launch_engine(config: EngineConfig, tokenizer: Any, progress: bool) -> tuple
                 {
                     "config": config.to_dict(),
                     "model_path": model,
-                    "tokenizer": tokenizer_spec(tokenizer),
                     "parallel": (parallel.tp_size, parallel.ep_size, parallel.dp_size),
                 },
                 startup=True,
             )
-            core, name = build_engine(config, tokenizer, parallel=parallel.with_rank(0), progress=progress)
+            core, name = build_engine(config, parallel=parallel.with_rank(0), progress=progress)
             launch.rank_info = comm.gather_to_rank0(rank_info(core, 0), startup=True) or []
         launch.start_heartbeat()
         for info in launch.rank_info:

@@ -52,14 +52,6 @@ def _connect(rank: int, world: int, local_rank: int) -> comm.Groups:
     return comm.init_groups(rank, world, local_rank, backend)
 
 
-def _tokenizer(spec: object) -> object:
-    if spec == "harmony":
-        from osserve.harmony.encoding import get_tokenizer
-
-        return get_tokenizer()
-    return spec
-
-
 def serve_batches(runner) -> None:
     """Tensor / expert parallelism: run rank 0's batches until it says stop."""
     device = runner.device
@@ -101,7 +93,7 @@ def main() -> int:
         from osserve.distributed.launcher import rank_info
         from osserve.engine.factory import build_engine
 
-        core, _ = build_engine(config, _tokenizer(setup["tokenizer"]), parallel=parallel, progress=False)
+        core, _ = build_engine(config, parallel=parallel, progress=False)
         comm.gather_to_rank0(rank_info(core, rank), startup=True)
         if parallel.attention_dp:
             from osserve.distributed.data_parallel import serve_rank

@@ -1,9 +1,15 @@
-"""AsyncEngine: the engine loop on a background thread, per-request async streams, abort.
+"""AsyncEngine: the engine for asyncio code, with the engine loop on a background thread.
 
 The server's event loop never runs the model: requests and aborts go to the engine thread through a queue;
-outputs come back with `call_soon_threadsafe` into one asyncio queue per request. A stream that is closed
+each step's packed outputs go through the OutputProcessor (osserve/engine/output_processor.py), which wakes
+the streams that have news, once per event loop and step. A stream turns what arrived into one output when
+its consumer asks, so a consumer that fell behind gets one output for many steps. A stream that is closed
 before its request finishes (a client that disconnected) aborts the request, and the abort frees its KV
 blocks at the start of the engine's next step.
+
+EngineClient is the interface the server uses, whatever the engine: this class (the engine in a thread),
+ProcessEngine (osserve/engine/engine_process.py: the same, with the engine loop in a child process) and the
+disaggregated frontend's RemoteEngine.
 """
 
 from __future__ import annotations
@@ -15,12 +21,13 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from osserve.config import EngineConfig
 from osserve.engine.engine import EngineCore, Tokenizer
-from osserve.engine.outputs import RequestOutput, merge_delta
-from osserve.sampling_params import OutputKind, SamplingParams
+from osserve.engine.output_processor import OutputProcessor, RequestState, wake
+from osserve.engine.outputs import EngineCoreOutputs, Finish, RequestOutput
+from osserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -33,26 +40,47 @@ class EngineNotReadyError(RuntimeError):
     """The model is still loading."""
 
 
+class EngineClient(Protocol):
+    """What the server needs of an engine."""
+
+    state: str  # "loading", "ready" or "dead"
+    error: str | None
+    model_name: str | None
+    tokenizer: Any
+    num_pending: int  # requests handed over but not yet taken by the engine
+    stats: dict[str, Any]  # the engine's latest figures (num_running, num_waiting, kv, num_steps, ...)
+
+    @property
+    def max_seq_len(self) -> int | None: ...
+
+    def start(self) -> None: ...
+    def shutdown(self) -> None: ...
+    async def wait_ready_async(self, timeout: float | None = None) -> None: ...
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None: ...
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None
+    ) -> AsyncIterator[RequestOutput]: ...
+    def abort(self, request_id: str) -> None: ...
+    def health_extra(self) -> dict[str, Any]: ...
+
+
 @dataclass
 class _Add:
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    prompt: str | None
+    state: RequestState
 
 
 @dataclass
 class _Abort:
-    request_id: str
+    handles: list[int]
 
 
 @dataclass
 class _Adopt:
-    """Put a request into the core with `start(core)` instead of `core.add_request` (disaggregated serving:
-    a request whose KV or first tokens were computed elsewhere; see osserve/engine/handoff.py)."""
+    """Put a request into the core with `start(core, handle)` instead of `core.add_request` (disaggregated
+    serving: a request whose KV or first tokens were computed elsewhere; see osserve/engine/handoff.py)."""
 
-    request_id: str
-    start: Callable[[EngineCore], None]
+    state: RequestState
+    start: Callable[[EngineCore, int], None]
 
 
 @dataclass
@@ -80,20 +108,21 @@ class AsyncEngine:
         self.config = config
         self.tokenizer = tokenizer
         self._factory = core_factory
-        self.core: EngineCore | None = None
+        self.core: Any = None
         self.model_name: str | None = None
         self.state = "loading"
         self.error: str | None = None
+        self.processor = OutputProcessor(tokenizer, config.stream_interval)
+        self._next_handle = 0
         self._inbox: queue.Queue = queue.Queue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self.stats: dict[str, Any] = {"num_running": 0, "num_waiting": 0, "kv": {}, "num_steps": 0}
         self.num_pending = 0
-        # Runs on the engine thread after every step, before the outputs are delivered; it may edit them
+        # Runs on the engine thread after every step, before its outputs reach the streams; it may edit them
         # (the disaggregated prefill worker detaches requests there once they have their first token).
-        self.after_step: Callable[[EngineCore, list[RequestOutput]], None] | None = None
+        self.after_step: Callable[[EngineCore, EngineCoreOutputs], None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -118,79 +147,113 @@ class AsyncEngine:
     def is_ready(self) -> bool:
         return self.state == "ready"
 
+    @property
+    def max_seq_len(self) -> int | None:
+        return self.core.max_seq_len if self.core is not None else None
+
+    @property
+    def vocab_size(self) -> int | None:
+        return self.core.vocab_size if self.core is not None else None
+
+    def health_extra(self) -> dict[str, Any]:
+        return {}
+
     # -- requests --------------------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError (ContextLengthError for length) now, before the request is queued."""
-        core = self._require_core()
-        params.check_request(len(prompt_token_ids), core.vocab_size, core.max_seq_len, prompt_token_ids)
+        self._require_core()
+        params.check_request(len(prompt_token_ids), self.vocab_size, self.max_seq_len, prompt_token_ids)
 
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None
     ) -> AsyncIterator[RequestOutput]:
         """Queue a request and return its output stream. Validation errors raise here, synchronously."""
         self.validate(prompt_token_ids, params)
-        q = self._register(request_id)
-        self._inbox.put(_Add(request_id, list(prompt_token_ids), params, prompt))
-        return self._stream(request_id, q, params.output_kind)
+        state = self._register(request_id, list(prompt_token_ids), params, prompt)
+        self._submit(_Add(state))
+        return self._stream(state)
 
-    def _register(self, request_id: str) -> asyncio.Queue:
-        """A new output queue for `request_id` on the caller's event loop, counted as pending until the
-        engine takes the request."""
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue = asyncio.Queue()
+    def _register(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None
+    ) -> RequestState:
+        """Client-side state for a new request, woken on the caller's event loop; counted as pending until
+        the engine takes it."""
         with self._lock:
-            if request_id in self._streams:
-                raise ValueError(f"request id {request_id!r} is already in use")
-            self._streams[request_id] = (loop, q)
+            handle = self._next_handle
+            state = self.processor.add(request_id, prompt_token_ids, params, prompt, handle)
+            self._next_handle += params.n
             self.num_pending += 1
-        return q
+        state.loop = asyncio.get_running_loop()
+        state.event = asyncio.Event()
+        return state
 
-    async def _stream(
-        self, request_id: str, q: asyncio.Queue, kind: OutputKind | None
-    ) -> AsyncIterator[RequestOutput]:
-        """Yield the request's outputs. Outputs that queued up while the consumer was busy come as one
-        (deltas merged, or the latest of cumulative ones) when `kind` says how; an error comes after them."""
+    def _submit(self, item: Any) -> None:
+        """Hand an add, abort or call to the engine (its inbox, in order)."""
+        self._inbox.put(item)
+
+    async def _stream(self, state: RequestState) -> AsyncIterator[RequestOutput]:
+        """Yield the request's outputs; an error comes after the outputs that arrived before it."""
         finished = False
         try:
             while True:
-                item = await q.get()
-                if isinstance(item, BaseException):
+                await state.event.wait()
+                state.event.clear()
+                error = state.error
+                out = self.processor.make_output(state)
+                if state.abort_handles:
+                    handles, state.abort_handles = state.abort_handles, []
+                    self._submit(_Abort(handles))
+                if out is not None:
+                    finished = out.finished
+                    yield out
+                    if finished:
+                        return
+                elif error is not None:
                     finished = True
-                    raise item
-                while kind is not None and not item.finished and not q.empty():
-                    nxt = q.get_nowait()
-                    if isinstance(nxt, BaseException):
-                        q.put_nowait(nxt)  # the queue is empty now: raised on the next round
-                        break
-                    if kind == OutputKind.DELTA:
-                        item = merge_delta(item, nxt)
-                    elif kind == OutputKind.CUMULATIVE:
-                        item = nxt
-                    else:
-                        q.put_nowait(nxt)
-                        break
-                finished = item.finished
-                yield item
-                if finished:
-                    return
+                    raise error
+                if error is not None:
+                    state.event.set()  # the error, after this output
         finally:
+            with self._lock:
+                self.processor.remove(state)
             if not finished:
-                self.abort(request_id)
+                self._submit(_Abort(state.handles))
 
     def abort(self, request_id: str) -> None:
-        """Abort a request; its blocks are freed at the start of the next engine step."""
-        self._inbox.put(_Abort(request_id))
+        """Abort a request; its blocks are freed at the start of the next engine step. Its stream ends."""
+        with self._lock:
+            state = self.processor.requests.get(request_id)
+            if state is not None:
+                self.processor.remove(state)
+        if state is None:
+            return
+        self._submit(_Abort(state.handles))
+        if not state.finished:
+            # Its stream ends with the tokens that arrived so far and finish_reason "abort".
+            for s in state.samples:
+                if s.finish == Finish.NONE:
+                    s.finish = Finish.ABORT
+            state.has_news = True
+            wake([state])
 
     def adopt(
-        self, request_id: str, start: Callable[[EngineCore], None], output_kind: OutputKind | None = None
+        self,
+        request_id: str,
+        start: Callable[[EngineCore, int], None],
+        params: SamplingParams,
+        prompt_token_ids: list[int],
+        restore: tuple[list[int], int, float] | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Like `add_request`, but the engine thread calls `start(core)` to put the request into the core
-        (it must register family `request_id`); a ValueError from `start` ends the stream with that error.
-        `output_kind` (the request's) lets outputs that queued up come as one."""
+        """Like `add_request`, but the engine thread calls `start(core, handle)` to put the request into the
+        core under `handle`; a ValueError from `start` ends the stream with that error. `restore`: (output
+        tokens already produced, characters of their text already sent, cumulative logprob) when the request
+        continues one that ran elsewhere."""
         self._require_core()
-        q = self._register(request_id)
-        self._inbox.put(_Adopt(request_id, start))
-        return self._stream(request_id, q, output_kind)
+        state = self._register(request_id, list(prompt_token_ids), params, None)
+        if restore is not None:
+            self.processor.restore(state, *restore)
+        self._submit(_Adopt(state, start))
+        return self._stream(state)
 
     def call_soon(self, fn: Callable[[EngineCore], Any]) -> asyncio.Future:
         """Queue `fn(core)` for the engine thread now (in order with adds and aborts); its future resolves
@@ -198,7 +261,7 @@ class AsyncEngine:
         self._require_core()
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._inbox.put(_Call(fn, loop, future))
+        self._submit(_Call(fn, loop, future))
         return future
 
     async def call(self, fn: Callable[[EngineCore], Any], timeout: float | None = None) -> Any:
@@ -215,8 +278,23 @@ class AsyncEngine:
             raise TimeoutError(f"the engine did not run the call within {timeout}s")
         return future.result()
 
+    # -- outputs ---------------------------------------------------------------------------------------
+    def _on_outputs(self, outs: EngineCoreOutputs) -> None:
+        """One step's outputs: hand them to the processor and wake the streams that have news."""
+        with self._lock:
+            woken = self.processor.process(outs)
+        if woken:
+            wake(woken)
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._lock:
+            states = list(self.processor.requests.values())
+            for st in states:
+                self.processor.fail(st, error)
+        wake(states)
+
     # -- the engine thread -----------------------------------------------------------------------------
-    def _require_core(self) -> EngineCore:
+    def _require_core(self) -> Any:
         if self.state == "dead":
             raise EngineDeadError(self.error or "engine is dead")
         if self.core is None:
@@ -228,21 +306,22 @@ class AsyncEngine:
             return self._factory()
         from osserve.engine.factory import build_engine
 
-        return build_engine(self.config, self.tokenizer)
+        return build_engine(self.config)
 
     def _run(self) -> None:
         try:
-            self.core, self.model_name = self._build()
+            core, self.model_name = self._build()
         except Exception as e:  # noqa: BLE001 - any load failure makes the engine dead, with the reason
             logger.exception("engine failed to load")
             self.state, self.error = "dead", f"{type(e).__name__}: {e}"
             self._ready.set()
             return
+        self.core = core
+        self.stats = core.stats()
         self.state = "ready"
         self._ready.set()
         logger.info("engine ready: serving %s", self.model_name)
-        core = self.core
-        report = _ProgressLog(core.stats())
+        report = ProgressLog(self.stats)
         try:
             while True:
                 block = not core.has_unfinished()
@@ -251,20 +330,19 @@ class AsyncEngine:
                     break
                 if block:
                     report.idle += time.perf_counter() - t0
-                outputs = core.step()
+                outs = core.step()
                 if self.after_step is not None:
-                    self.after_step(core, outputs)
+                    self.after_step(core, outs)
                 # NOTE: refreshed every iteration (also after aborts alone) so /metrics and /health are current.
                 self.stats = core.stats()
-                if outputs:
-                    self._deliver(outputs)
+                self._on_outputs(outs)
                 report.maybe_log(self.stats)
         except Exception as e:  # noqa: BLE001
             logger.exception("engine loop failed")
             self.state, self.error = "dead", f"{type(e).__name__}: {e}"
             self._fail_all(EngineDeadError(self.error))
 
-    def _drain(self, core: EngineCore, block: bool) -> bool:
+    def _drain(self, core: Any, block: bool) -> bool:
         """Apply queued adds and aborts; False when asked to stop."""
         while True:
             try:
@@ -282,70 +360,26 @@ class AsyncEngine:
                 return False
             if isinstance(item, _Call):
                 _run_call(item, core)
-                continue
-            if isinstance(item, _Add):
+            elif isinstance(item, _Add | _Adopt):
                 with self._lock:
                     self.num_pending -= 1
-                    if item.request_id not in self._streams:  # aborted before it was added
-                        continue
-                try:
-                    core.add_request(item.request_id, item.prompt_token_ids, item.params, item.prompt)
-                except ValueError as e:
-                    self._send(item.request_id, e, final=True)
-            elif isinstance(item, _Adopt):
-                with self._lock:
-                    self.num_pending -= 1
-                    if item.request_id not in self._streams:  # aborted before it was adopted
-                        continue
-                try:
-                    item.start(core)
-                except ValueError as e:
-                    self._send(item.request_id, e, final=True)
-            elif isinstance(item, _Abort):
-                outs = core.abort([item.request_id])
-                with self._lock:
-                    entry = self._streams.pop(item.request_id, None)
-                if entry is not None and outs:
-                    entry[0].call_soon_threadsafe(entry[1].put_nowait, outs[0])
-
-    def _deliver(self, outputs: list[RequestOutput]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
-        with self._lock:
-            for out in outputs:
-                entry = self._streams.get(out.request_id)
-                if entry is None:
+                st = item.state
+                if self.processor.requests.get(st.request_id) is not st:  # aborted before it was added
                     continue
-                if out.finished:
-                    del self._streams[out.request_id]
-                by_loop.setdefault(entry[0], []).append((entry[1], out))
-        for loop, items in by_loop.items():
-            loop.call_soon_threadsafe(_put_all, items)
-
-    def _send(self, request_id: str, item: Any, final: bool) -> None:
-        with self._lock:
-            entry = self._streams.pop(request_id, None) if final else self._streams.get(request_id)
-        if entry is not None:
-            entry[0].call_soon_threadsafe(entry[1].put_nowait, item)
-
-    def _fail_all(self, error: BaseException) -> None:
-        with self._lock:
-            streams, self._streams = self._streams, {}
-        for loop, q in streams.values():
-            loop.call_soon_threadsafe(q.put_nowait, error)
-
-    # -- introspection ---------------------------------------------------------------------------------
-    def health(self) -> dict[str, Any]:
-        return {
-            "status": self.state,
-            "model": self.model_name,
-            "error": self.error,
-            "time": time.time(),
-            **{k: v for k, v in self.stats.items() if k != "kv"},
-            "kv_cache": self.stats.get("kv", {}),
-        }
+                try:
+                    if isinstance(item, _Add):
+                        core.add_request(st.request_id, st.prompt_token_ids, st.params, st.first_handle)
+                    else:
+                        item.start(core, st.first_handle)
+                except ValueError as e:
+                    with self._lock:
+                        self.processor.fail(st, e)
+                    wake([st])
+            elif isinstance(item, _Abort):
+                core.abort(item.handles)
 
 
-class _ProgressLog:
+class ProgressLog:
     """Every `interval` seconds of activity, one log line of what the engine did: generated tokens per
     second, steps per second, and where a step's time went (waiting for the device, host work inside the
     step, and the loop around it: adds, aborts, handing outputs to the server; idle waits excluded)."""
@@ -381,7 +415,7 @@ class _ProgressLog:
         self.last, self.t, self.idle = stats, now, 0.0
 
 
-def _check_parallel_ranks(core: EngineCore) -> None:
+def _check_parallel_ranks(core: Any) -> None:
     """Raise if this engine is a parallel one whose ranks failed."""
     # NOTE: the launch registry is process-wide; only an engine whose forwards are synchronised across
     # ranks belongs to it (another engine in the same process must not inherit a stale failure).
@@ -394,7 +428,7 @@ def _check_parallel_ranks(core: EngineCore) -> None:
         launch.check()
 
 
-def _run_call(call: _Call, core: EngineCore) -> None:
+def _run_call(call: _Call, core: Any) -> None:
     try:
         result, error = call.fn(core), None
     except Exception as e:  # noqa: BLE001 - handed to the caller
@@ -409,8 +443,3 @@ def _run_call(call: _Call, core: EngineCore) -> None:
             call.future.set_result(result)
 
     call.loop.call_soon_threadsafe(resolve)
-
-
-def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
-    for q, out in items:
-        q.put_nowait(out)

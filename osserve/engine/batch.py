@@ -8,7 +8,6 @@ both indexing one shared block pool).
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -61,16 +60,17 @@ class ForwardBatch:
     sliding_window: int
     # Number of real tokens; input rows beyond it are padding (CUDA-graph buckets) and are never sampled.
     num_tokens: int
+    # Most new tokens of any one sequence (-1: computed here from query_start_loc_cpu).
+    max_query_len: int = -1
+
+    def __post_init__(self) -> None:
+        if self.max_query_len < 0:
+            q = self.query_start_loc_cpu
+            self.max_query_len = max((q[i + 1] - q[i] for i in range(len(q) - 1)), default=0)
 
     @property
     def num_seqs(self) -> int:
         return len(self.seq_lens_cpu)
-
-    @functools.cached_property
-    def max_query_len(self) -> int:
-        # NOTE: cached: read by both layer types' metadata and the CUDA-graph check every step.
-        q = self.query_start_loc_cpu
-        return max((q[i + 1] - q[i] for i in range(len(q) - 1)), default=0)
 
     @property
     def is_decode(self) -> bool:

@@ -1,29 +1,36 @@
-"""EngineCore (step-by-step serving of many requests) and LLM, the offline API with vLLM's names."""
+"""EngineCore: step-by-step serving of many requests, in token ids only.
+
+`add_request` takes a request's samples under integer handles chosen by the client; `step()` schedules and
+launches one step and returns the results of the step before it (overlap scheduling) as one packed
+EngineCoreOutputs: per sample that sampled, its handle, its token and whether that ended it. Text, stop
+strings, logprob formatting and the grouping of samples into requests are the client's work
+(osserve/engine/output_processor.py), in the server process.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
+
 from osserve.config import EngineConfig
+from osserve.engine.input_batch import InputBatch
 from osserve.engine.kv_cache import KVCacheManager
-from osserve.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from osserve.engine.outputs import EngineCoreOutputs, Finish, concat_outputs
 from osserve.engine.request import Request, RequestStatus
-from osserve.engine.runner import ModelRunner, RequestStepResult, StepHandle
+from osserve.engine.runner import ModelRunner, StepHandle, StepResult
 from osserve.engine.scheduler import Scheduler
-from osserve.sampling_params import OutputKind, SamplingParams
+from osserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-# What a request that neither sampled nor produced prompt logprobs this step reads.
-_NO_RESULT = RequestStepResult()
 
 
 class Detokenizer(Protocol):
     def add(self, token_id: int) -> str: ...
+    def add_many(self, token_ids: list[int]) -> str: ...
 
 
 class Tokenizer(Protocol):
@@ -32,39 +39,8 @@ class Tokenizer(Protocol):
     def detokenizer(self, skip_special_tokens: bool = True) -> Detokenizer: ...
 
 
-@dataclass
-class _Sample:
-    req: Request
-    detok: Detokenizer | None
-    text: str = ""
-    # How much of the text / tokens / logprobs the last output already carried (delta outputs).
-    sent_text: int = 0
-    sent_tokens: int = 0
-    finish_reason: str | None = None
-
-
-@dataclass
-class _Family:
-    """One user request: its n samples, each an engine Request."""
-
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    samples: list[_Sample]
-    arrival_time: float = field(default_factory=time.monotonic)
-    sent_prompt_logprobs: bool = False
-    error: str | None = None
-
-    @property
-    def finished(self) -> bool:
-        if len(self.samples) == 1:  # the common case, without a generator per call
-            return self.samples[0].finish_reason is not None
-        return all(s.finish_reason is not None for s in self.samples)
-
-
 class EngineCore:
-    """Owns the scheduler, the KV cache manager and the runner; `step()` advances every request once."""
+    """Owns the scheduler, the KV cache manager, the persistent batch and the runner."""
 
     def __init__(
         self,
@@ -73,34 +49,30 @@ class EngineCore:
         kv: KVCacheManager,
         max_seq_len: int,
         eos_token_ids: Sequence[int],
-        tokenizer: Tokenizer | None = None,
     ):
         self.config = config
         self.runner = runner
         self.kv = kv
         self.max_seq_len = max_seq_len
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.tokenizer = tokenizer
-        self.scheduler = Scheduler(config, kv, max_seq_len)
-        self.families: dict[str, _Family] = {}
+        max_blocks = -(-max_seq_len // kv.block_size) + 1
+        self.batch = InputBatch(config.max_batch_size, max_blocks, runner.device, kv)
+        self.scheduler = Scheduler(config, kv, self.batch, max_seq_len, self.eos_token_ids)
+        # Unfinished samples by handle.
+        self.requests: dict[int, Request] = {}
         self.vocab_size = runner.vocab_size
         self.num_steps = 0
         self.num_generated = 0  # tokens sampled
         self.step_s = 0.0  # seconds in step(), waits for the device included
         # The launched step whose results are not read yet (overlap scheduling).
         self.inflight: StepHandle | None = None
+        # Outputs produced between steps (samples aborted by the engine, refused requests), sent with the
+        # next step's.
+        self._errors: list[tuple[int, str]] = []
 
     # -- requests --------------------------------------------------------------------------------------
-    def add_request(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        prompt: str | None = None,
-    ) -> None:
-        """Queue a request; raises ValueError (naming the field) if it can never be served."""
-        if request_id in self.families:
-            raise ValueError(f"request id {request_id!r} is already in use")
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
+        """Raise ValueError (naming the field) if the request can never be served; return max_tokens."""
         max_tokens = params.check_request(
             len(prompt_token_ids), self.vocab_size, self.max_seq_len, prompt_token_ids
         )
@@ -115,9 +87,18 @@ class EngineCore:
                 f"prompt plus max_tokens needs {need} KV blocks, the whole cache holds {self.kv.pool.num_usable}; "
                 "lower max_tokens or give the KV cache more memory"
             )
-        samples = []
-        for i in range(params.n):
-            req = Request(
+        return max_tokens
+
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, handle: int
+    ) -> list[Request]:
+        """Queue a request's `params.n` samples under handles `handle` .. `handle + n - 1`; raises ValueError
+        (naming the field) if it can never be served."""
+        if any(handle + i in self.requests for i in range(params.n)):
+            raise ValueError(f"request {request_id!r}: handle {handle} is already in use")
+        max_tokens = self.check_request(prompt_token_ids, params)
+        samples = [
+            Request(
                 request_id=request_id if params.n == 1 else f"{request_id}-{i}",
                 prompt_token_ids=list(prompt_token_ids),
                 sampling_params=params,
@@ -125,35 +106,36 @@ class EngineCore:
                 eos_token_ids=self.eos_token_ids,
                 parent_id=request_id if params.n > 1 else None,
                 sample_index=i,
+                handle=handle + i,
             )
-            detok = self.tokenizer.detokenizer(params.skip_special_tokens) if self.tokenizer else None
-            samples.append(_Sample(req, detok))
-        self.families[request_id] = _Family(request_id, prompt, list(prompt_token_ids), params, samples)
-        for s in samples:
-            self.scheduler.add(s.req)
+            for i in range(params.n)
+        ]
+        for req in samples:
+            if req.request_id in self.scheduler.requests:
+                raise ValueError(f"request id {req.request_id!r} is already in use")
+        for req in samples:
+            self.scheduler.add(req)
+            self.requests[req.handle] = req
+        return samples
 
-    def abort(self, request_ids: Sequence[str]) -> list[RequestOutput]:
-        """Abort requests (by the user's id); their blocks are free when this returns."""
-        outs = []
-        for rid in request_ids:
-            fam = self.families.get(rid)
-            if fam is None:
-                continue
-            for s in fam.samples:
-                if s.finish_reason is None:
-                    self.scheduler.abort(s.req.request_id)
-                    s.finish_reason = "abort"
-            outs.append(self._output(fam))
-            del self.families[rid]
-        return outs
+    def refuse(self, handle: int, message: str) -> None:
+        """Report a request the engine could not take (e.g. refused on the way in) with the next outputs."""
+        self._errors.append((handle, message))
+
+    def abort(self, handles: Sequence[int]) -> None:
+        """Abort samples; their blocks are free when this returns."""
+        for h in handles:
+            req = self.requests.pop(h, None)
+            if req is not None:
+                self.scheduler.abort(req.request_id)
 
     def has_unfinished(self) -> bool:
-        # NOTE: a step still in flight when every family has finished holds only wasted work (tokens
+        # NOTE: a step still in flight when every request has finished holds only wasted work (tokens
         # past a stop); the next step() reads and drops it.
-        return bool(self.families)
+        return bool(self.requests) or bool(self._errors)
 
     # -- the step --------------------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> EngineCoreOutputs:
         """Schedule and launch one step; return the outputs of the step before it (overlap scheduling)
         or of this one (synchronous)."""
         t0 = time.perf_counter()
@@ -162,183 +144,156 @@ class EngineCore:
         finally:
             self.step_s += time.perf_counter() - t0
 
-    def _step(self) -> list[RequestOutput]:
-        overlap = not self.config.disable_overlap_scheduler and not self._needs_host_outputs()
-        outputs: list[RequestOutput] = []
+    def _step(self) -> EngineCoreOutputs:
+        # Penalties and logits processors read the generated tokens on the host: no step may be in flight
+        # when such a request is scheduled.
+        overlap = not self.config.disable_overlap_scheduler and self.batch.num_sync == 0
+        parts: list[EngineCoreOutputs] = []
         if self.inflight is not None and not overlap:
-            outputs += self._finish(self.inflight)
+            parts.append(self._finish(self.inflight))
             self.inflight = None
         sched = self.scheduler.schedule()
         handle = None
         if not sched.is_empty:
             self.num_steps += 1
-            handle = self.runner.launch(sched, self.kv, self.inflight)
-            for req, n in sched.scheduled:
-                req.num_computed_tokens += n
-                req.num_pending += req.request_id in handle.row_of
+            handle = self.runner.launch(sched, self.batch)
+            self.batch.num_computed[sched.rows] += sched.num_new
+            self.batch.num_pending[handle.sample_rows] += 1
         # While the device runs the new step, read back and process the previous one.
         if self.inflight is not None:
-            outputs += self._finish(self.inflight)
+            parts.append(self._finish(self.inflight))
         self.inflight = handle
         if handle is not None and not overlap:
-            outputs += self._finish(handle)
+            parts.append(self._finish(handle))
             self.inflight = None
-        return outputs
+        out = concat_outputs(parts) if parts else EngineCoreOutputs.empty()
+        if self.scheduler.admitted:
+            out.num_cached = out.num_cached + self.scheduler.admitted
+            self.scheduler.admitted = []
+        if self._errors:
+            out.errors = out.errors + self._errors
+            self._errors = []
+        return out
 
-    def _needs_host_outputs(self) -> bool:
-        """Penalties and logits processors read the generated tokens on the host: no step may be in
-        flight when such a request is scheduled."""
-        return any(
-            r.sampling_params.needs_penalties or r.sampling_params.logits_processors
-            for r in self.scheduler.running
-        )
-
-    def _finish(self, handle: StepHandle) -> list[RequestOutput]:
-        results = self.runner.collect(handle)
-        touched: dict[str, _Family] = {}
-        now = time.monotonic()
-        for req, _ in handle.sched.scheduled:
-            if req.status.is_finished:  # finished or aborted after this step was launched
-                continue
-            fam = self.families.get(req.parent_id or req.request_id)
-            if fam is None:
-                continue
-            res = results.get(req.request_id, _NO_RESULT)
-            if res.prompt_logprobs:
-                req.prompt_logprobs += res.prompt_logprobs
-            sample = fam.samples[req.sample_index]
-            if res.token is not None:
-                self.num_generated += 1
-                req.num_pending -= 1
-                self._append_token(req, sample, res.token, res.logprobs, now)
-            self.kv.on_computed(req)
-            if sample.finish_reason is not None:
-                self.scheduler.finish(req, req.status)
-            touched[fam.request_id] = fam
-        outputs = []
-        for fam in touched.values():
-            out = self._output(fam)
-            if out is not None:
-                outputs.append(out)
-            if fam.finished:
-                del self.families[fam.request_id]
-        return outputs
-
-    def _append_token(
-        self, req: Request, sample: _Sample, token: int, logprobs: dict | None, now: float
-    ) -> None:
-        p = req.sampling_params
-        req.output_token_ids.append(token)
-        if req.first_token_time is None:
-            req.first_token_time = now
-        if logprobs is not None:
-            req.logprobs.append(logprobs)
-            req.cumulative_logprob += logprobs[token][0]
-        text_before = len(sample.text)
-        if sample.detok is not None:
-            sample.text += sample.detok.add(token)
-        n_out = len(req.output_token_ids)
-        status, reason = None, None
-        if n_out >= p.min_tokens:
-            if token in p.stop_token_ids:
-                status, reason = RequestStatus.FINISHED_STOPPED, token
-            elif token in req.eos_token_ids and not p.ignore_eos:
-                status, reason = RequestStatus.FINISHED_STOPPED, None
-            elif p.stop and sample.detok is not None:
-                hit = self._find_stop(sample, p, text_before)
-                if hit is not None:
-                    status, reason = RequestStatus.FINISHED_STOPPED, hit
-        if status is None and (n_out >= req.max_tokens or req.num_tokens >= self.max_seq_len):
-            status = RequestStatus.FINISHED_LENGTH
-        if status is not None:
-            req.status = status
-            req.stop_reason = reason
-            sample.finish_reason = status.finish_reason
-
-    @staticmethod
-    def _find_stop(sample: _Sample, p: SamplingParams, text_before: int) -> str | None:
-        """Find a stop string ending in the newest token's text; cut the text there."""
-        assert p.stop
-        longest = max(len(s) for s in p.stop)
-        start = max(0, text_before - longest + 1)
-        best: tuple[int, str] | None = None
-        for s in p.stop:
-            i = sample.text.find(s, start)
-            if i >= 0 and (best is None or i < best[0]):
-                best = (i, s)
-        if best is None:
-            return None
-        i, s = best
-        sample.text = sample.text[: i + len(s)] if p.include_stop_str_in_output else sample.text[:i]
-        return s
-
-    # -- outputs ---------------------------------------------------------------------------------------
-    def _output(self, fam: _Family) -> RequestOutput | None:
-        p = fam.params
-        kind = p.output_kind
-        finished = fam.finished
-        if kind == OutputKind.FINAL_ONLY and not finished:
-            return None
-        interval = self.config.stream_interval
-        if interval > 1 and not finished:
-            new = max(len(s.req.output_token_ids) - s.sent_tokens for s in fam.samples)
-            if any(s.sent_tokens for s in fam.samples) and new < interval:
-                return None
-        outs = []
-        # Hold back text that could be the start of a stop string until the request ends.
-        holdback = max((len(s) for s in p.stop), default=1) - 1
-        for s in fam.samples:
-            req = s.req
-            done = s.finish_reason is not None
-            text_end = len(s.text) if done else max(s.sent_text, len(s.text) - holdback)
-            tok_end = len(req.output_token_ids)
-            if kind == OutputKind.DELTA:
-                text, toks = s.text[s.sent_text : text_end], req.output_token_ids[s.sent_tokens : tok_end]
-                lps = req.logprobs[s.sent_tokens : tok_end] if p.logprobs is not None else None
-            else:
-                text, toks = s.text[:text_end], list(req.output_token_ids)
-                lps = req.logprobs if p.logprobs is not None else None
-            s.sent_text, s.sent_tokens = text_end, tok_end
-            outs.append(
-                CompletionOutput(
-                    index=req.sample_index,
-                    text=text,
-                    token_ids=list(toks),
-                    cumulative_logprob=req.cumulative_logprob if p.logprobs is not None else None,
-                    logprobs=[self._logprobs(e) for e in lps] if lps is not None else None,
-                    finish_reason=s.finish_reason,
-                    stop_reason=req.stop_reason,
-                )
+    def _finish(self, handle: StepHandle) -> EngineCoreOutputs:
+        """Read a step back: append the sampled tokens, decide which samples it ended, free those."""
+        res = self.runner.collect(handle)
+        b = self.batch
+        rows = res.rows
+        # A row whose sample finished (or was preempted) after this step was launched no longer holds it.
+        held = b.handle[rows] == res.handles
+        moved = None
+        if held.all():
+            live_rows, tokens, idx = rows, res.tokens, None
+        else:
+            idx = np.flatnonzero(held)
+            live_rows, tokens = rows[idx], res.tokens[idx]
+            moved = self._unheld(res, np.flatnonzero(~held))
+        n = len(live_rows)
+        self.num_generated += n
+        for req, t in zip(b.reqs[live_rows], tokens.tolist(), strict=True):
+            req.output_token_ids.append(t)
+        b.num_pending[live_rows] -= 1
+        b.num_tokens[live_rows] += 1
+        b.last_token[live_rows] = tokens
+        finish = self._finish_codes(live_rows, tokens)
+        out = EngineCoreOutputs(b.handle[live_rows], tokens.astype(np.int32), finish)
+        if res.lp_ids is not None:
+            lp_ids, lp_values, lp_ranks = (
+                (res.lp_ids, res.lp_values, res.lp_ranks)
+                if idx is None
+                else (res.lp_ids[idx], res.lp_values[idx], res.lp_ranks[idx])  # type: ignore[index]
             )
-        first = fam.samples[0].req
-        prompt_lps = None
-        wants = p.prompt_logprobs is not None and (kind != OutputKind.DELTA or not fam.sent_prompt_logprobs)
-        if wants and len(first.prompt_logprobs) >= len(fam.prompt_token_ids):
-            prompt_lps = [None if e is None else self._logprobs(e) for e in first.prompt_logprobs]
-            fam.sent_prompt_logprobs = True
-        first_times = [s.req.first_token_time for s in fam.samples if s.req.first_token_time is not None]
-        return RequestOutput(
-            request_id=fam.request_id,
-            prompt=fam.prompt,
-            prompt_token_ids=fam.prompt_token_ids,
-            prompt_logprobs=prompt_lps,
-            outputs=outs,
-            finished=finished,
-            num_cached_tokens=first.num_cached_tokens,
-            metrics=RequestMetrics(
-                arrival_time=fam.arrival_time,
-                first_token_time=min(first_times) if first_times else None,
-                finished_time=time.monotonic() if finished else None,
-            ),
-            error=fam.error,
-        )
+            want = np.flatnonzero(b.logprobs[live_rows] >= 0)
+            out.lp_index = want.astype(np.int32)
+            out.lp_ids, out.lp_values, out.lp_ranks = lp_ids[want], lp_values[want], lp_ranks[want]
+        if res.prompt_logprobs:
+            out.prompt_logprobs = [p for p in res.prompt_logprobs if p.handle in self.requests]
+        sched = handle.sched
+        self._kv_events(sched.rows if sched.kv_due is None else sched.rows[sched.kv_due])
+        for i in np.flatnonzero(finish).tolist():
+            req = b.reqs[live_rows[i]]
+            code = Finish(int(finish[i]))
+            status = (
+                RequestStatus.FINISHED_LENGTH if code == Finish.LENGTH else RequestStatus.FINISHED_STOPPED
+            )
+            self.requests.pop(req.handle, None)
+            self.scheduler.finish(req, status)
+        return out if moved is None or not len(moved) else concat_outputs([out, moved])
 
-    def _logprobs(self, entry: dict[int, tuple[float, int]]) -> dict[int, Logprob]:
-        tok = self.tokenizer
-        return {
-            t: Logprob(lp, rank, tok.decode([t], skip_special_tokens=False) if tok is not None else None)
-            for t, (lp, rank) in entry.items()
-        }
+    def _finish_codes(self, rows: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        """Finish per sampled row: a stop token (past min_tokens), else the length limit."""
+        b = self.batch
+        hit = b.stop_ids[rows] == tokens[:, None]
+        can_stop = b.num_tokens[rows] - b.num_prompt[rows] >= b.min_tokens[rows]
+        is_token = (hit & b.stop_is_token[rows]).any(axis=1) & can_stop
+        is_eos = (hit & ~b.stop_is_token[rows]).any(axis=1) & can_stop
+        length = b.num_tokens[rows] >= b.length_cap[rows]
+        return np.where(
+            is_token, Finish.STOP_TOKEN, np.where(is_eos, Finish.EOS, np.where(length, Finish.LENGTH, 0))
+        ).astype(np.int8)
+
+    def _unheld(self, res: StepResult, idx: np.ndarray) -> EngineCoreOutputs:
+        """Tokens of samples that left their row after the step was launched: a preempted sample keeps its
+        token (it is valid; the recompute continues after it); a finished or aborted one drops it."""
+        handles, tokens, finish, lp_rows = [], [], [], []
+        for i in idx.tolist():
+            req = self.requests.get(int(res.handles[i]))
+            if req is None or req.status.is_finished or req.row >= 0:
+                continue
+            t = int(res.tokens[i])
+            req.output_token_ids.append(t)
+            req.num_pending -= 1
+            self.num_generated += 1
+            code = self._finish_code(req, t)
+            if req.sampling_params.logprobs is not None and res.lp_ids is not None:
+                lp_rows.append((len(handles), i))
+            handles.append(req.handle)
+            tokens.append(t)
+            finish.append(code)
+            if code:
+                self.requests.pop(req.handle, None)
+                status = (
+                    RequestStatus.FINISHED_LENGTH if code == Finish.LENGTH else RequestStatus.FINISHED_STOPPED
+                )
+                self.scheduler.finish(req, status)
+        out = EngineCoreOutputs(
+            np.asarray(handles, np.int64), np.asarray(tokens, np.int32), np.asarray(finish, np.int8)
+        )
+        if lp_rows:
+            assert res.lp_ids is not None and res.lp_values is not None and res.lp_ranks is not None
+            entry, src = (np.asarray(x, np.int64) for x in zip(*lp_rows, strict=True))
+            out.lp_index = entry.astype(np.int32)
+            out.lp_ids, out.lp_values, out.lp_ranks = res.lp_ids[src], res.lp_values[src], res.lp_ranks[src]
+        return out
+
+    def _finish_code(self, req: Request, token: int) -> Finish:
+        """_finish_codes for one request outside the batch."""
+        p = req.sampling_params
+        if len(req.output_token_ids) >= p.min_tokens:
+            if token in p.stop_token_ids:
+                return Finish.STOP_TOKEN
+            if token in req.eos_token_ids and not p.ignore_eos:
+                return Finish.EOS
+        if len(req.output_token_ids) >= req.max_tokens or req.num_tokens >= self.max_seq_len:
+            return Finish.LENGTH
+        return Finish.NONE
+
+    def _kv_events(self, rows: np.ndarray) -> None:
+        """Register newly filled blocks in the prefix cache and release blocks the sliding window left
+        behind, for the rows of a finished step that had KV events (a prefill chunk, a new block). A decoding
+        request does this once per block (with the allocation), not at every boundary of its own."""
+        b, kv = self.batch, self.kv
+        rows = rows[b.handle[rows] >= 0]
+        bs = kv.block_size
+        nc = b.num_computed[rows]
+        due = np.minimum(nc, b.num_tokens[rows]) // bs > b.num_registered[rows]
+        if kv.window is not None:
+            due |= np.maximum(0, nc - kv.window + 1) // bs > b.num_released[rows]
+        for r in rows[due].tolist():
+            req = b.reqs[r]
+            kv.on_computed(req)
+            b.sync_blocks(req)
 
     # -- state -----------------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

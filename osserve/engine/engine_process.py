@@ -1,55 +1,55 @@
-"""The engine loop in a process of its own (`engine_process: true`).
+"""The engine loop in a process of its own (`engine_process: true`, the default for a CUDA engine).
 
-In one process, the engine thread (scheduling, batch preparation, read-back, detokenization) and the server
-(one SSE event per request per token: JSON, HTTP framing, asyncio) take turns on the GIL: at hundreds of
-running requests each waits for the other, and the GPU waits for both. `ProcessEngine` keeps AsyncEngine's
-interface for the server but runs EngineCore in a child process (spawned, so CUDA starts there only):
+In one process the engine loop (scheduling, batch preparation, read-back) and the server (JSON, HTTP
+framing, asyncio, Harmony parsing) take turns on the GIL: at hundreds of running requests each waits for the
+other, and the GPU waits for both. `ProcessEngine` keeps AsyncEngine's interface for the server but runs
+EngineCore in a child process (spawned, so CUDA starts there only), which works in token ids only:
 
-    server process                                   engine process
-    AsyncEngine API -> inbox -> forwarder thread ---pipe---> drain adds / aborts, core.step()
-    asyncio queues  <- _deliver <- receiver thread <--pipe--- one message per step: outputs, errors, stats
+    server process                                      engine process
+    add_request / abort -> PUSH --ipc (msgpack)--> PULL: drain adds / aborts, core.step()
+    streams <- OutputProcessor <- receiver thread <- PULL <--ipc-- PUSH: one EngineCoreOutputs per step
 
-One message per step in each direction, whatever the batch. Outputs travel without the prompt (the server
-process keeps it). What cannot cross a process boundary is refused: requests with Python logits processors
-(ValueError, HTTP 400), `call` / `adopt` (the disaggregated worker's hooks: workers run the engine in
-process). A child that dies turns the engine dead and ends every stream with an error; the child exits when
-its parent does.
+One ZeroMQ message per step from the engine, whatever the batch: packed arrays of handles, tokens and finish
+codes (and logprobs only where asked), MessagePack-encoded with msgspec. Detokenization, stop strings and
+logprob formatting happen in the server process (osserve/engine/output_processor.py); a stop string found
+there aborts the sample in the engine. What cannot cross a process boundary is refused: requests with Python
+logits processors (ValueError, HTTP 400), `call` / `adopt` (the disaggregated worker's hooks: workers run
+the engine in process). A child that dies turns the engine dead and ends every stream with an error; the
+child exits when its parent does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
+import tempfile
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
-from multiprocessing.connection import Connection
 from typing import Any
+
+import msgspec
+import zmq
 
 from osserve.config import EngineConfig
 from osserve.engine.async_engine import (
     _STOP,
     AsyncEngine,
     EngineDeadError,
+    ProgressLog,
     _Abort,
     _Add,
-    _ProgressLog,
 )
 from osserve.engine.engine import EngineCore, Tokenizer
-from osserve.engine.outputs import RequestOutput
+from osserve.engine.outputs import RequestOutput, decode_outputs, encode_outputs
 from osserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass
-class EngineInfo:
-    """What the server reads of an engine core that lives in another process."""
-
-    vocab_size: int
-    max_seq_len: int
+_ENCODER = msgspec.msgpack.Encoder()
 
 
 class ProcessEngine(AsyncEngine):
@@ -57,11 +57,20 @@ class ProcessEngine(AsyncEngine):
 
     def __init__(self, config: EngineConfig, tokenizer: Tokenizer | None = None):
         super().__init__(config, tokenizer)
-        self.core: EngineInfo | None = None  # type: ignore[assignment]
         self.process: mp.process.BaseProcess | None = None
-        # The prompt of each request in flight: outputs come back without it.
-        self._prompts: dict[str, tuple[list[int], str | None]] = {}
+        self._info: tuple[int, int] | None = None  # the child's (vocab_size, max_seq_len)
         self._stopping = False
+        self._ctx = zmq.Context()
+        self._to_child: zmq.Socket | None = None
+        self._send_lock = threading.Lock()
+
+    @property
+    def max_seq_len(self) -> int | None:
+        return self._info[1] if self._info is not None else None
+
+    @property
+    def vocab_size(self) -> int | None:
+        return self._info[0] if self._info is not None else None
 
     # -- requests --------------------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -72,78 +81,110 @@ class ProcessEngine(AsyncEngine):
             )
         super().validate(prompt_token_ids, params)
 
-    def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None
-    ) -> AsyncIterator[RequestOutput]:
-        # NOTE: recorded first: the child may answer before super() returns.
-        with self._lock:
-            known = request_id in self._prompts
-            if not known:
-                self._prompts[request_id] = (list(prompt_token_ids), prompt)
-        try:
-            return super().add_request(request_id, prompt_token_ids, params, prompt)
-        except BaseException:
-            if not known:
-                with self._lock:
-                    self._prompts.pop(request_id, None)
-            raise
+    def _require_core(self) -> Any:
+        if self.state == "dead":
+            raise EngineDeadError(self.error or "engine is dead")
+        if self._info is None:
+            from osserve.engine.async_engine import EngineNotReadyError
 
-    def adopt(self, request_id: str, start: Callable[[EngineCore], None], output_kind: Any = None) -> Any:
+            raise EngineNotReadyError("the model is still loading")
+        return None
+
+    def adopt(self, *args: Any, **kwargs: Any) -> AsyncIterator[RequestOutput]:
         raise NotImplementedError("adopt needs the engine in this process (engine_process false)")
 
     def call_soon(self, fn: Callable[[EngineCore], Any]) -> Any:
         raise NotImplementedError("engine calls need the engine in this process (engine_process false)")
 
+    def _submit(self, item: Any) -> None:
+        """Send an add or abort to the child, in order (any thread)."""
+        if isinstance(item, _Add):
+            st = item.state
+            msg: list[Any] = ["add", st.request_id, st.first_handle, st.prompt_token_ids, st.params.to_wire()]
+        elif isinstance(item, _Abort):
+            msg = ["abort", item.handles]
+        elif item is _STOP:
+            msg = ["stop"]
+        else:
+            raise NotImplementedError(f"{type(item).__name__} cannot reach an engine in another process")
+        with self._send_lock:
+            if isinstance(item, _Add):
+                self.num_pending -= 1
+            sock = self._to_child
+            if sock is None:
+                return
+            # NOTE: a failed send means the child is gone; the receiver reports that.
+            with contextlib.suppress(zmq.ZMQError):
+                sock.send(_ENCODER.encode(msg), flags=zmq.NOBLOCK)
+
     def shutdown(self) -> None:
         self._stopping = True
-        super().shutdown()
+        if self._to_child is not None:
+            self._submit(_STOP)
         proc = self.process
         if proc is not None and proc.is_alive():
             proc.join(timeout=30)
             if proc.is_alive():
                 proc.kill()
                 proc.join(timeout=5)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
 
-    # -- the bridge threads ----------------------------------------------------------------------------
+    # -- the receiver thread ---------------------------------------------------------------------------
     def _run(self) -> None:
-        """Start the child, wait for its model, then receive its per-step messages until it stops."""
+        """Start the child, wait for its model, then take its per-step messages until it stops."""
+        base = os.path.join(tempfile.gettempdir(), f"osserve-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        to_addr, from_addr = f"ipc://{base}-in", f"ipc://{base}-out"
+        to_child = self._ctx.socket(zmq.PUSH)
+        to_child.setsockopt(zmq.LINGER, 0)
+        to_child.bind(to_addr)
+        from_child = self._ctx.socket(zmq.PULL)
+        from_child.setsockopt(zmq.LINGER, 0)
+        from_child.bind(from_addr)
         ctx = mp.get_context("spawn")
-        from_child, child_out = ctx.Pipe(duplex=False)
-        child_in, to_child = ctx.Pipe(duplex=False)
         # NOTE: not daemonic: a parallel engine starts rank processes of its own from the child.
         proc = ctx.Process(
             target=_child_main,
-            args=(self.config, child_in, child_out, logging.getLogger().getEffectiveLevel()),
+            args=(self.config, to_addr, from_addr, logging.getLogger().getEffectiveLevel()),
             name="osserve-engine-core",
         )
         proc.start()
-        child_in.close()
-        child_out.close()
         self.process = proc
         logger.info("engine process started (pid %d)", proc.pid)
-        msg = self._recv(from_child, proc, startup=True)
-        if msg is None or msg[0] != "ready":
-            self.state, self.error = "dead", msg[1] if msg is not None else "the engine process exited"
+        try:
+            self._receive(from_child, to_child, proc)
+        finally:
+            with self._send_lock:
+                self._to_child = None
+            to_child.close(0)
+            from_child.close(0)
+            for path in (f"{base}-in", f"{base}-out"):
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+
+    def _receive(self, sock: zmq.Socket, to_child: zmq.Socket, proc: mp.process.BaseProcess) -> None:
+        msg = self._recv(sock, proc)
+        if msg is None or msg[0] != b"ready":
+            why = msgspec.msgpack.decode(msg[1]) if msg is not None else "the engine process exited"
+            self.state, self.error = "dead", why
             logger.error("engine failed to load: %s", self.error)
             self._ready.set()
             return
-        _, self.model_name, vocab_size, max_seq_len, self.stats = msg
-        self.core = EngineInfo(vocab_size, max_seq_len)
+        self.model_name, vocab_size, max_seq_len, self.stats = msgspec.msgpack.decode(msg[1])
+        self._info = (vocab_size, max_seq_len)
+        with self._send_lock:
+            self._to_child = to_child
         self.state = "ready"
         self._ready.set()
         logger.info("engine ready: serving %s (engine in process %d)", self.model_name, proc.pid)
-        threading.Thread(
-            target=self._forward, args=(to_child,), name="osserve-engine-send", daemon=True
-        ).start()
         while True:
-            msg = self._recv(from_child, proc)
+            msg = self._recv(sock, proc)
             if msg is None:
                 break
-            _, outputs, errors, self.stats = msg
-            for request_id, message in errors:
-                self._send(request_id, ValueError(message), final=True)
-            if outputs:
-                self._deliver(outputs)
+            outs = decode_outputs(msg[1])
+            if outs.stats is not None:
+                self.stats = outs.stats
+            self._on_outputs(outs)
         if self._stopping:
             self._fail_all(EngineDeadError("engine shut down"))
             return
@@ -152,113 +193,82 @@ class ProcessEngine(AsyncEngine):
         logger.error("%s", self.error)
         self._fail_all(EngineDeadError(self.error))
 
-    def _recv(self, conn: Connection, proc: mp.process.BaseProcess, startup: bool = False) -> Any:
-        """The child's next message; None once it has exited (or its pipe closed)."""
+    @staticmethod
+    def _recv(sock: zmq.Socket, proc: mp.process.BaseProcess) -> list[bytes] | None:
+        """The child's next message; None once it has exited."""
         while True:
-            try:
-                if conn.poll(0.5):
-                    return conn.recv()
-            except (EOFError, OSError):
-                return None
+            if sock.poll(500):
+                return sock.recv_multipart(copy=True)
             if not proc.is_alive():
-                try:  # its last words may still be in the pipe
-                    return conn.recv() if conn.poll(0) else None
-                except (EOFError, OSError):
-                    return None
-
-    def _forward(self, conn: Connection) -> None:
-        """Send queued adds and aborts to the child, in order."""
-        while True:
-            item = self._inbox.get()
-            try:
-                if item is _STOP:
-                    conn.send(("stop",))
-                    return
-                if isinstance(item, _Add):
-                    with self._lock:
-                        self.num_pending -= 1
-                        if item.request_id not in self._streams:  # aborted before it was sent
-                            self._prompts.pop(item.request_id, None)
-                            continue
-                    conn.send(("add", item.request_id, item.prompt_token_ids, item.params, item.prompt))
-                elif isinstance(item, _Abort):
-                    conn.send(("abort", item.request_id))
-            except (BrokenPipeError, OSError):
-                return  # the child is gone: the receiver reports it
-
-    def _deliver(self, outputs: list[RequestOutput]) -> None:
-        with self._lock:
-            for out in outputs:
-                prompt = (
-                    self._prompts.pop(out.request_id, None)
-                    if out.finished
-                    else self._prompts.get(out.request_id)
-                )
-                if prompt is not None:
-                    out.prompt_token_ids, out.prompt = prompt
-        super()._deliver(outputs)
-
-    def _send(self, request_id: str, item: Any, final: bool) -> None:
-        if final:
-            with self._lock:
-                self._prompts.pop(request_id, None)
-        super()._send(request_id, item, final)
-
-    def _fail_all(self, error: BaseException) -> None:
-        with self._lock:
-            self._prompts.clear()
-        super()._fail_all(error)
+                # Its last words may still be on the way.
+                return sock.recv_multipart(copy=True) if sock.poll(100) else None
 
 
-def _child_main(config: EngineConfig, inbox: Connection, outbox: Connection, log_level: int) -> None:
+def _child_main(config: EngineConfig, inbox_addr: str, outbox_addr: str, log_level: int) -> None:
     """The engine process: build the engine, then drain, step and report until told to stop."""
     logging.basicConfig(
         level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
     parent = os.getppid()
+    ctx = zmq.Context()
+    inbox = ctx.socket(zmq.PULL)
+    inbox.connect(inbox_addr)
+    outbox = ctx.socket(zmq.PUSH)
+    outbox.setsockopt(zmq.LINGER, 2000)
+    outbox.connect(outbox_addr)
     from osserve.engine.factory import build_engine
-    from osserve.server.tokenizer import load_tokenizer
 
     try:
-        core, name = build_engine(config, load_tokenizer())
+        core, name = build_engine(config)
     except Exception as e:  # noqa: BLE001 - any load failure is reported to the server, with the reason
         logger.exception("engine failed to load")
-        outbox.send(("dead", f"{type(e).__name__}: {e}"))
+        outbox.send_multipart([b"dead", _ENCODER.encode(f"{type(e).__name__}: {e}")])
+        outbox.close()
         return
-    outbox.send(("ready", name, core.vocab_size, core.max_seq_len, core.stats()))
-    report = _ProgressLog(core.stats())
+    stats = core.stats()
+    outbox.send_multipart([b"ready", _ENCODER.encode([name, core.vocab_size, core.max_seq_len, stats])])
+    report = ProgressLog(stats)
     try:
-        while True:
-            outputs: list[RequestOutput] = []
-            errors: list[tuple[str, str]] = []
-            idle = not core.has_unfinished()
-            timeout: float | None = 0.5 if idle else 0.0
-            received = False
-            t0 = time.perf_counter()
-            while inbox.poll(timeout):
-                item = inbox.recv()
-                timeout, received = 0.0, True
-                if item[0] == "stop":
+        _serve(core, inbox, outbox, report, parent)
+    finally:
+        shutdown = getattr(core, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+        inbox.close(0)
+        outbox.close()
+
+
+def _serve(core: Any, inbox: zmq.Socket, outbox: zmq.Socket, report: ProgressLog, parent: int) -> None:
+    decode = msgspec.msgpack.decode
+    while True:
+        idle = not core.has_unfinished()
+        t0 = time.perf_counter()
+        received = False
+        if inbox.poll(500 if idle else 0):
+            while True:
+                try:
+                    item = decode(inbox.recv(flags=zmq.NOBLOCK))
+                except zmq.Again:
+                    break
+                received = True
+                op = item[0]
+                if op == "stop":
                     return
-                if item[0] == "add":
-                    _, rid, ids, params, prompt = item
+                if op == "add":
+                    _, rid, handle, ids, wire = item
                     try:
-                        core.add_request(rid, ids, params, prompt)
+                        core.add_request(rid, ids, SamplingParams.from_wire(wire), handle)
                     except ValueError as e:
-                        errors.append((rid, str(e)))
-                elif item[0] == "abort":
-                    outputs += core.abort([item[1]])
-            if idle:
-                report.idle += time.perf_counter() - t0
-                if not received:
-                    if os.getppid() != parent:  # the server is gone
-                        return
-                    continue
-            outputs += core.step()
-            stats = core.stats()
-            for out in outputs:  # the server process has the prompt
-                out.prompt_token_ids, out.prompt = [], None
-            outbox.send(("out", outputs, errors, stats))
-            report.maybe_log(stats)
-    except (BrokenPipeError, EOFError, OSError):
-        return  # the server process is gone
+                        core.refuse(handle, str(e))
+                elif op == "abort":
+                    core.abort(item[1])
+        if os.getppid() != parent:  # the server is gone
+            return
+        if idle:
+            report.idle += time.perf_counter() - t0
+            if not received:
+                continue
+        outs = core.step()
+        outs.stats = stats = core.stats()
+        outbox.send_multipart([b"out", encode_outputs(outs)], copy=False)
+        report.maybe_log(stats)

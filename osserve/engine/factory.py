@@ -6,16 +6,18 @@ import gc
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from osserve.config import EngineConfig, get_preset
 from osserve.distributed.parallel import ParallelConfig
-from osserve.engine.engine import EngineCore, Tokenizer
+from osserve.engine.engine import EngineCore
 from osserve.engine.kv_cache import KVCacheManager
 from osserve.engine.runner import ModelRunner
 from osserve.model.default import DEFAULT_NAME, default_checkpoint
 from osserve.model.loader import load_model, load_random_model, parse_random_spec, resolve_model_path
+from osserve.model.standin import StandInModel, parse_standin_spec
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +77,6 @@ def num_kv_blocks(config: EngineConfig, runner: ModelRunner, device: torch.devic
 
 def build_engine(
     config: EngineConfig,
-    tokenizer: Tokenizer | None = None,
     parallel: ParallelConfig | None = None,
     progress: bool = True,
 ) -> tuple[EngineCore, str]:
@@ -84,14 +85,18 @@ def build_engine(
         # One process per rank: this one becomes rank 0 and starts the others (osserve/distributed/).
         from osserve.distributed.launcher import launch_engine
 
-        return launch_engine(config, tokenizer, progress)
+        return launch_engine(config, progress)
     device = resolve_device(config)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     dtype = resolve_dtype(config, device)
     packed = device.type == "cuda" and config.moe_config.backend != "torch"
     random_spec = parse_random_spec(config.model)
-    if random_spec is not None:
+    standin = parse_standin_spec(config.model)
+    if standin is not None:
+        model: Any = StandInModel(standin, dtype)
+        path, name = None, config.served_model_name or config.model
+    elif random_spec is not None:
         preset, seed = random_spec
         mcfg = get_preset(preset)
         model = load_random_model(
@@ -145,7 +150,7 @@ def build_engine(
         "on" if config.kv_cache_config.enable_block_reuse else "off",
     )
     eos = eos_token_ids(path, mcfg.eos_token_id) if path is not None else [mcfg.eos_token_id]
-    core = EngineCore(config, runner, kv, max_seq_len, eos, tokenizer)
+    core = EngineCore(config, runner, kv, max_seq_len, eos)
     # NOTE: the block pool alone is ~10^5 long-lived objects; moving everything built so far out of the
     # collector's reach keeps full collections from stalling steps (-26% host time per step at batch 512,
     # scripts/host_overhead.py).

@@ -12,7 +12,9 @@ and `start_continued` puts the request into the scheduler as if this engine had 
 `start_resumed` takes a request with output tokens but no KV (the worker that produced them died) and lets
 the scheduler recompute it, exactly as after a preemption.
 
-Every method runs on the engine thread between two steps (AsyncEngine.call / adopt / after_step).
+Every method runs on the engine thread between two steps (AsyncEngine.call / adopt / after_step). The
+text side (what the client was already sent) lives with the AsyncEngine's OutputProcessor, which fills in
+`num_sent_chars` and `cumulative_logprob` of the HandoffState a prefill-only request ends with.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from osserve.engine.engine import EngineCore, _Family, _Sample
+from osserve.engine.engine import EngineCore
 from osserve.engine.kv_cache import FULL, NULL_BLOCK, SLIDING, RequestBlocks
-from osserve.engine.outputs import RequestOutput
+from osserve.engine.outputs import EngineCoreOutputs, Finish
 from osserve.engine.request import Request, RequestStatus
 from osserve.sampling_params import OutputKind, SamplingParams
 
@@ -100,58 +103,44 @@ class KVHandoff:
         mcfg = core.runner.model_config
         self.full_layers = list(mcfg.full_layers)
         self.sliding_layers = list(mcfg.sliding_layers)
-        self.prefill_only: set[str] = set()
+        self.prefill_only: dict[int, Request] = {}  # by handle
         self.held: dict[str, _Held] = {}
         self.reserved: dict[str, Request] = {}
 
     # -- prefill side ----------------------------------------------------------------------------------
-    def add_prefill_only(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def add_prefill_only(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, handle: int
+    ) -> None:
         """Queue a request that stops after its first token and keeps its blocks (raises ValueError)."""
         if params.n != 1:
             raise ValueError("a prefill-only request has n = 1 (the frontend splits n > 1 into requests)")
         if params.output_kind == OutputKind.FINAL_ONLY:
             raise ValueError("a prefill-only request must stream its outputs (DELTA or CUMULATIVE)")
-        self.prefill_only.add(request_id)
-        try:
-            self.core.add_request(request_id, prompt_token_ids, params)
-        except ValueError:
-            self.prefill_only.discard(request_id)
-            raise
+        (req,) = self.core.add_request(request_id, prompt_token_ids, params, handle)
         # NOTE: with overlap scheduling the next step is planned before this one's token is read back;
         # the flag keeps the scheduler from extending the KV that is about to be shipped.
-        self.core.families[request_id].samples[0].req.hold_after_first_token = True
+        req.hold_after_first_token = True
+        self.prefill_only[handle] = req
 
-    def after_step(self, core: EngineCore, outputs: list[RequestOutput]) -> None:
-        """Detach prefill-only requests that got their first token this step: their output is marked
-        finished, with `extra["handoff"]` holding a HandoffState."""
-        if not self.prefill_only:
+    def after_step(self, core: EngineCore, outs: EngineCoreOutputs) -> None:
+        """Detach prefill-only requests that got their first token this step: their entry's finish becomes
+        Finish.HANDOFF, with `outs.handoff[handle]` holding the HandoffState to continue from."""
+        if not self.prefill_only or not len(outs):
             return
-        for out in outputs:
-            rid = out.request_id
-            if rid not in self.prefill_only:
+        for i in np.flatnonzero(np.isin(outs.handles, list(self.prefill_only))).tolist():
+            req = self.prefill_only.pop(int(outs.handles[i]))
+            if outs.finish[i]:  # ended on its first token (stop, length): nothing to hand off
                 continue
-            if out.finished:  # ended on its first token (stop, length): nothing to hand off
-                self.prefill_only.discard(rid)
-                continue
-            fam = core.families[rid]
-            sample = fam.samples[0]
-            if not sample.req.output_token_ids:  # a prompt chunk, no token yet
-                continue
-            out.finished = True
-            out.extra["handoff"] = self._detach(fam, sample)
+            outs.finish[i] = Finish.HANDOFF
+            outs.handoff = {**outs.handoff, req.handle: self._detach(req)}
 
-    def _detach(self, fam: _Family, sample: _Sample) -> HandoffState:
-        req = sample.req
-        sched = self.core.scheduler
-        if req in sched.running:
-            sched.running.remove(req)
-        sched.requests.pop(req.request_id, None)
-        del self.core.families[fam.request_id]
-        self.prefill_only.discard(req.request_id)
+    def _detach(self, req: Request) -> HandoffState:
+        self.core.scheduler.detach(req)
+        self.core.requests.pop(req.handle, None)
         req.status = RequestStatus.FINISHED_STOPPED
         self.held[req.request_id] = _Held(req, time.monotonic())
         rng = bytes(req.generator.get_state().numpy().tobytes()) if req.generator is not None else None
-        return HandoffState(list(req.output_token_ids), sample.sent_text, req.cumulative_logprob, rng)
+        return HandoffState(list(req.output_token_ids), 0, 0.0, rng)
 
     def export(self, request_id: str, gather: bool = True) -> ExportedKV:
         """The held request's KV, on the engine's device (raises KeyError if it is not held). `gather`
@@ -176,7 +165,9 @@ class KVHandoff:
 
     def release(self, request_id: str) -> bool:
         """Free a held or reserved request's blocks; False if it has none (already released)."""
-        self.prefill_only.discard(request_id)
+        for h, r in list(self.prefill_only.items()):
+            if r.request_id == request_id:
+                del self.prefill_only[h]
         held = self.held.pop(request_id, None)
         req = held.req if held is not None else self.reserved.pop(request_id, None)
         if req is None:
@@ -195,7 +186,7 @@ class KVHandoff:
     # -- decode side -----------------------------------------------------------------------------------
     def _check(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> int:
         core = self.core
-        if request_id in core.families or request_id in self.reserved or request_id in self.held:
+        if request_id in core.scheduler.requests or request_id in self.reserved or request_id in self.held:
             raise ValueError(f"request id {request_id!r} is already in use")
         if params.n != 1:
             raise ValueError("a continued request has n = 1")
@@ -263,21 +254,27 @@ class KVHandoff:
             k.index_copy_(0, idx, data[j, 0].to(k.dtype))
             v.index_copy_(0, idx, data[j, 1].to(v.dtype))
 
-    def start_continued(self, request_id: str, state: HandoffState) -> None:
+    def start_continued(self, request_id: str, state: HandoffState, handle: int) -> None:
         """Schedule a reserved request whose prompt KV has been written: it decodes from its first token."""
         req = self.reserved.pop(request_id, None)
         if req is None:
             raise ValueError(f"request {request_id!r} has no reserved blocks here (cancelled?)")
+        req.handle = handle
         req.num_computed_tokens = req.num_prompt_tokens
-        req.status = RequestStatus.RUNNING
         self._restore(req, state)
-        self._admit(req, state.num_sent_chars)
-        self.core.scheduler.running.append(req)
+        self.core.requests[handle] = req
+        self.core.scheduler.add_running(req)
         # Registers the imported full blocks in this engine's prefix cache.
         self.core.kv.on_computed(req)
+        self.core.batch.sync_blocks(req)
 
     def start_resumed(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, state: HandoffState
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        state: HandoffState,
+        handle: int,
     ) -> None:
         """Queue a request that has output tokens but no KV here: the scheduler recomputes prompt + outputs
         (as after a preemption) and samples the next token."""
@@ -290,47 +287,23 @@ class KVHandoff:
             sampling_params=params,
             max_tokens=max_tokens,
             eos_token_ids=self.core.eos_token_ids,
+            handle=handle,
         )
         self._restore(req, state)
-        self._admit(req, state.num_sent_chars)
-        self.core.scheduler.waiting.append(req)
+        self.core.requests[handle] = req
+        self.core.scheduler.add(req)
 
     def _restore(self, req: Request, state: HandoffState) -> None:
         p = req.sampling_params
         req.output_token_ids = list(state.output_token_ids)
-        req.cumulative_logprob = state.cumulative_logprob
-        req.first_token_time = time.monotonic()
-        # Only entries from the next token on are ever sent again; the earlier ones are placeholders.
-        if p.logprobs is not None:
-            req.logprobs = [{} for _ in req.output_token_ids]
-        if p.prompt_logprobs is not None:
-            req.prompt_logprobs = [None] * req.num_prompt_tokens  # the prefill side sent them
         if state.rng_state is not None and p.seed is not None:
             dev = self.core.runner.device
             gen = torch.Generator(device=dev)
             try:
                 gen.set_state(torch.frombuffer(bytearray(state.rng_state), dtype=torch.uint8))
-            except (
-                RuntimeError,
-                ValueError,
-            ):  # another device type's generator: start the seeded stream anew
+            except (RuntimeError, ValueError):  # another device type's generator: start the stream anew
                 gen.manual_seed(p.seed + req.sample_index)
             req.generator = gen
-
-    def _admit(self, req: Request, num_sent_chars: int) -> None:
-        core = self.core
-        p = req.sampling_params
-        detok = core.tokenizer.detokenizer(p.skip_special_tokens) if core.tokenizer is not None else None
-        sample = _Sample(req, detok)
-        if detok is not None:
-            for t in req.output_token_ids:
-                sample.text += detok.add(t)
-        sample.sent_text = min(num_sent_chars, len(sample.text))
-        sample.sent_tokens = len(req.output_token_ids)
-        fam = _Family(req.request_id, None, list(req.prompt_token_ids), p, [sample])
-        fam.sent_prompt_logprobs = True
-        core.families[req.request_id] = fam
-        core.scheduler.requests[req.request_id] = req
 
     # -- publishing ------------------------------------------------------------------------------------
     def cached_block_hashes(self) -> set[int]:

@@ -8,8 +8,9 @@ from typing import Any
 from tqdm import tqdm
 
 from osserve.config import EngineConfig
-from osserve.engine.engine import EngineCore, Tokenizer
+from osserve.engine.engine import Tokenizer
 from osserve.engine.factory import build_engine
+from osserve.engine.llm_engine import LLMEngine
 from osserve.engine.outputs import RequestOutput
 from osserve.sampling_params import SamplingParams
 
@@ -30,8 +31,8 @@ class LLM:
 
             tokenizer = get_tokenizer()
         self.tokenizer = tokenizer
-        self.engine: EngineCore
-        self.engine, self.model_name = build_engine(self.config, tokenizer)
+        core, self.model_name = build_engine(self.config)
+        self.engine = LLMEngine(core, tokenizer)
         self._next_id = 0
 
     def get_tokenizer(self) -> Tokenizer:

@@ -1,14 +1,22 @@
-"""Request: a prompt, its output so far, and how much of it has been computed (the counters design)."""
+"""Request: a prompt, its output so far, and how much of it has been computed (the counters design).
+
+While a request runs it holds a row of the persistent batch (osserve/engine/input_batch.py), and its hot
+counters (tokens computed, tokens pending) live in that row's arrays, where a whole step updates them at
+once; the properties below read and write whichever place holds them.
+"""
 
 from __future__ import annotations
 
 import enum
 import time
-from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from osserve.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from osserve.engine.input_batch import InputBatch
 
 
 class RequestStatus(enum.IntEnum):
@@ -25,53 +33,110 @@ class RequestStatus(enum.IntEnum):
     def is_finished(self) -> bool:
         return self >= RequestStatus.FINISHED_STOPPED
 
-    @property
-    def finish_reason(self) -> str | None:
-        return {
-            RequestStatus.FINISHED_STOPPED: "stop",
-            RequestStatus.FINISHED_LENGTH: "length",
-            RequestStatus.FINISHED_ABORTED: "abort",
-            RequestStatus.FINISHED_ERROR: "error",
-        }.get(self)
 
-
-# NOTE: eq=False: requests are compared by identity (list membership / removal stay O(1) per compare).
-@dataclass(eq=False)
 class Request:
-    request_id: str
-    prompt_token_ids: list[int]
-    sampling_params: SamplingParams
-    # Effective max_tokens after checking against max_seq_len.
-    max_tokens: int
-    eos_token_ids: frozenset[int] = frozenset()
-    arrival_time: float = field(default_factory=time.monotonic)
-    # Requests of one `n > 1` family share a parent id; siblings wait for the first one's prompt to be
-    # computed so that they reuse its KV blocks instead of computing the prompt again.
-    parent_id: str | None = None
-    sample_index: int = 0
-    output_token_ids: list[int] = field(default_factory=list)
-    num_computed_tokens: int = 0
-    # Tokens sampled on the device but not yet read back (overlap scheduling): 0 or 1.
-    num_pending: int = 0
-    # Disaggregated prefill: stop scheduling after the first token (its KV is shipped, not extended).
-    hold_after_first_token: bool = False
-    # Chained hashes of the request's full blocks so far (prefix caching); tokens never change once
-    # known, so the list only grows. Filled by KVCacheManager.
-    block_hashes: list[int] = field(default_factory=list)
-    # Prompt tokens that came from the prefix cache at admission (for usage / metrics).
-    num_cached_tokens: int = 0
-    status: RequestStatus = RequestStatus.WAITING
-    stop_reason: int | str | None = None
-    num_preemptions: int = 0
-    first_token_time: float | None = None
-    # Per-token logprob entries {token_id: (logprob, rank)} for the sampled token and the top ones.
-    logprobs: list[dict[int, tuple[float, int]]] = field(default_factory=list)
-    prompt_logprobs: list[dict[int, tuple[float, int]] | None] = field(default_factory=list)
-    # Prompt positions whose logprob entries a launched step already computes (set at launch time, so
-    # overlapping steps never produce an entry twice).
-    num_prompt_logprobs_launched: int = 0
-    cumulative_logprob: float = 0.0
-    generator: torch.Generator | None = None
+    """One sample of a user request (a request with n > 1 is n of these sharing `parent_id`). Compared by
+    identity, so list membership and removal stay cheap."""
+
+    __slots__ = (
+        "handle",
+        "request_id",
+        "prompt_token_ids",
+        "sampling_params",
+        "max_tokens",
+        "eos_token_ids",
+        "arrival_time",
+        "parent_id",
+        "sample_index",
+        "output_token_ids",
+        "hold_after_first_token",
+        "block_hashes",
+        "num_cached_tokens",
+        "status",
+        "num_preemptions",
+        "num_prompt_logprobs_launched",
+        "generator",
+        "row",
+        "_batch",
+        "_num_computed",
+        "_num_pending",
+    )
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        max_tokens: int,
+        eos_token_ids: frozenset[int] = frozenset(),
+        parent_id: str | None = None,
+        sample_index: int = 0,
+        handle: int = -1,
+    ):
+        # The client's integer name for this sample: outputs travel keyed by it (EngineCoreOutputs).
+        self.handle = handle
+        self.request_id = request_id
+        self.prompt_token_ids = prompt_token_ids
+        self.sampling_params = sampling_params
+        # Effective max_tokens after checking against max_seq_len.
+        self.max_tokens = max_tokens
+        self.eos_token_ids = eos_token_ids
+        self.arrival_time = time.monotonic()
+        # Samples of one `n > 1` request share a parent id; siblings wait for the first one's prompt to be
+        # computed so that they reuse its KV blocks instead of computing the prompt again.
+        self.parent_id = parent_id
+        self.sample_index = sample_index
+        self.output_token_ids: list[int] = []
+        # Disaggregated prefill: stop scheduling after the first token (its KV is shipped, not extended).
+        self.hold_after_first_token = False
+        # Chained hashes of the request's full blocks so far (prefix caching); tokens never change once
+        # known, so the list only grows. Filled by KVCacheManager.
+        self.block_hashes: list[int] = []
+        # Prompt tokens that came from the prefix cache at admission (for usage / metrics).
+        self.num_cached_tokens = 0
+        self.status = RequestStatus.WAITING
+        self.num_preemptions = 0
+        # Prompt positions whose logprob entries a launched step already computes (set at launch time, so
+        # overlapping steps never produce an entry twice).
+        self.num_prompt_logprobs_launched = 0
+        self.generator: torch.Generator | None = None
+        # Row in the persistent batch while running (-1 otherwise).
+        self.row = -1
+        self._batch: InputBatch | None = None
+        self._num_computed = 0
+        # Tokens sampled on the device but not yet read back (overlap scheduling): 0 or 1.
+        self._num_pending = 0
+
+    # -- counters (in the batch row while running) ------------------------------------------------------
+    @property
+    def num_computed_tokens(self) -> int:
+        if self.row >= 0:
+            assert self._batch is not None
+            return int(self._batch.num_computed[self.row])
+        return self._num_computed
+
+    @num_computed_tokens.setter
+    def num_computed_tokens(self, value: int) -> None:
+        if self.row >= 0:
+            assert self._batch is not None
+            self._batch.num_computed[self.row] = value
+        else:
+            self._num_computed = value
+
+    @property
+    def num_pending(self) -> int:
+        if self.row >= 0:
+            assert self._batch is not None
+            return int(self._batch.num_pending[self.row])
+        return self._num_pending
+
+    @num_pending.setter
+    def num_pending(self, value: int) -> None:
+        if self.row >= 0:
+            assert self._batch is not None
+            self._batch.num_pending[self.row] = value
+        else:
+            self._num_pending = value
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -80,10 +145,6 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
-
-    @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
 
     def token_ids_slice(self, start: int, end: int) -> list[int]:
         p = len(self.prompt_token_ids)
@@ -100,3 +161,8 @@ class Request:
     @property
     def wants_prompt_logprobs(self) -> bool:
         return self.sampling_params.prompt_logprobs is not None
+
+    def __repr__(self) -> str:
+        return (
+            f"Request({self.request_id!r}, handle={self.handle}, row={self.row}, status={self.status.name})"
+        )

@@ -19,7 +19,8 @@ import torch
 from osserve.config import SLIDING, EngineConfig
 from osserve.engine.batch import ForwardBatch
 from osserve.engine.cuda_graph import DecodeGraphs
-from osserve.engine.kv_cache import KVCacheManager
+from osserve.engine.input_batch import InputBatch
+from osserve.engine.outputs import PromptLogprobs
 from osserve.engine.request import Request
 from osserve.engine.scheduler import SchedulerOutput
 from osserve.engine.staging import to_device
@@ -32,31 +33,34 @@ logger = logging.getLogger(__name__)
 # Rows of prompt logits turned into logprobs at a time (each row is vocab_size floats).
 _PROMPT_LOGPROB_CHUNK = 256
 
-LogprobEntry = dict[int, tuple[float, int]]
-
-
-@dataclass
-class RequestStepResult:
-    # The token sampled this step, or None for a prefill chunk that did not reach the end of the prompt.
-    token: int | None = None
-    logprobs: LogprobEntry | None = None
-    prompt_logprobs: list[LogprobEntry | None] = field(default_factory=list)
-
 
 @dataclass
 class StepHandle:
     """A launched step: its device work is queued; `ModelRunner.collect` waits for it and reads it."""
 
     sched: SchedulerOutput
-    results: dict[str, RequestStepResult]
-    # Requests that sample this step, in row order, and each one's row.
-    sampling_reqs: list[Request] = field(default_factory=list)
-    row_of: dict[str, int] = field(default_factory=dict)
-    # [N] int64 on the device: the next step reads pending input tokens from here.
-    sampled: torch.Tensor | None = None
-    # Host copies (pinned on CUDA, filled asynchronously) and the event that marks them complete.
+    # Rows that sample this step, in logits order, and the handles that held them at launch (a row given to
+    # another request before the results are read must not take them).
+    sample_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    sample_handles: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    # Host copies (pinned on CUDA, filled asynchronously) of the sampled ids and, when some row asked, the
+    # logprob ids / values / ranks; the event marks them complete.
     host: list[torch.Tensor | None] = field(default_factory=list)
     event: torch.cuda.Event | None = None
+    prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
+
+
+@dataclass
+class StepResult:
+    """A collected step: per sampling row, the token; logprob arrays when some row asked."""
+
+    rows: np.ndarray
+    handles: np.ndarray
+    tokens: np.ndarray  # [n] int64
+    lp_ids: np.ndarray | None = None  # [n, 1 + k]
+    lp_values: np.ndarray | None = None
+    lp_ranks: np.ndarray | None = None
+    prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
 
 
 def kv_layer_slots(layer_types: tuple[str, ...]) -> list[int]:
@@ -145,154 +149,128 @@ class ModelRunner:
 
     # -- one step --------------------------------------------------------------------------------------
     def prepare_batch(
-        self, sched: SchedulerOutput, kv: KVCacheManager, prev: StepHandle | None = None
-    ) -> tuple[ForwardBatch, list[int], list[tuple[Request, int, int, int]]]:
-        """Build the ForwardBatch. Also returns the flat rows to sample (one per request that reached the
-        end of its known tokens, else -1) and the prompt-logprob spans (request, first row, first prompt
-        position, count)."""
+        self, sched: SchedulerOutput, b: InputBatch
+    ) -> tuple[ForwardBatch, np.ndarray, torch.Tensor, list[tuple[Request, int, int, int]]]:
+        """Build the ForwardBatch from the batch rows' arrays. Also returns the sampling rows (batch rows
+        whose sequence reaches the end of its known tokens this step) on the host and on the device, and the
+        prompt-logprob spans (request, first row, first prompt position, count)."""
         bs = self.block_size
-        n_seqs = len(sched.scheduled)
-        num_tokens = sched.num_tokens
-        ids: list[int] = []
-        positions = np.empty(num_tokens, dtype=np.int64)
-        full_slots = np.empty(num_tokens, dtype=np.int64)
-        sliding_slots = np.empty(num_tokens, dtype=np.int64)
-        qsl = [0]
-        seq_lens: list[int] = []
-        tables: list[tuple[list[int], list[int]]] = []
-        sample_rows: list[int] = []
+        rows, q = sched.rows, sched.num_new
+        n = len(rows)
+        start = b.num_computed[rows]
+        known = b.num_tokens[rows]
+        pending = b.num_pending[rows]
+        seq_lens = start + q
+        qsl = np.zeros(n + 1, np.int64)
+        np.cumsum(q, out=qsl[1:])
+        num_tokens = int(qsl[-1])
+        positions = np.arange(num_tokens, dtype=np.int64) - np.repeat(qsl[:-1] - start, q)
+        token_rows = np.repeat(rows, q)
+        blk, off = positions // bs, positions % bs
+        full_slots = b.full_table[token_rows, blk].astype(np.int64) * bs + off
+        sliding_slots = b.sliding_table[token_rows, blk].astype(np.int64) * bs + off
+        # Inputs known on the host come from there: the last known token (a decode after a synchronous step)
+        # or a slice of the prompt and output (a prefill chunk). The one input that is not known yet is the
+        # token the step in flight samples: it is gathered on the device from last_token_dev.
+        ids = np.zeros(num_tokens, np.int64)
+        host_q = np.clip(known - start, 0, q)
+        last = (host_q == 1) & (q == 1) & (start == known - 1)
+        ids[qsl[:-1][last]] = b.last_token[rows[last]]
+        for i in np.flatnonzero((host_q > 0) & ~last).tolist():
+            req = b.reqs[rows[i]]
+            s0, h = int(start[i]), int(host_q[i])
+            ids[qsl[i] : qsl[i] + h] = req.token_ids_slice(s0, s0 + h)
+        unknown = host_q < q
+        if (q[unknown] - host_q[unknown] > 1).any():
+            raise RuntimeError("a step input beyond the pending token is not known yet")
+        gather_dst = qsl[1:][unknown] - 1
+        gather_src = rows[unknown]
+        samples = seq_lens >= known + pending
+        sample_rows = rows[samples]
+        sample_pos = qsl[1:][samples] - 1
         prompt_spans: list[tuple[Request, int, int, int]] = []
-        gather_dst: list[int] = []
-        gather_src: list[int] = []
-        for req, n in sched.scheduled:
-            start = req.num_computed_tokens
-            end = start + n
-            full, sliding = kv.blocks_of(req.request_id).arrays()
-            row0 = qsl[-1]
-            known = min(end, req.num_tokens)
-            ids += req.token_ids_slice(start, known)
-            if end > known:
-                # The last input is the token the step in flight samples: gathered on the device below.
-                if prev is None or req.request_id not in prev.row_of or end != known + 1:
-                    raise RuntimeError(f"request {req.request_id}: input token {known} is not known yet")
-                ids.append(0)
-                gather_dst.append(row0 + n - 1)
-                gather_src.append(prev.row_of[req.request_id])
-            if n == 1:
-                positions[row0] = start
-                blk, off = divmod(start, bs)
-                full_slots[row0] = int(full[blk]) * bs + off
-                sliding_slots[row0] = int(sliding[blk]) * bs + off
-            else:
-                pos = np.arange(start, end, dtype=np.int64)
-                positions[row0 : row0 + n] = pos
-                blk, off = pos // bs, pos % bs
-                full_slots[row0 : row0 + n] = full[blk].astype(np.int64) * bs + off
-                sliding_slots[row0 : row0 + n] = sliding[blk].astype(np.int64) * bs + off
-            tables.append((full, sliding))
-            qsl.append(row0 + n)
-            seq_lens.append(end)
-            sample_rows.append(row0 + n - 1 if end >= req.num_tokens + req.num_pending else -1)
-            if req.wants_prompt_logprobs and req.num_prompt_logprobs_launched < req.num_prompt_tokens:
-                # The row at position j - 1 gives the entry of prompt token j (token 0 has none).
-                j0 = max(req.num_prompt_logprobs_launched, start + 1)
-                j1 = min(end + 1, req.num_prompt_tokens)
-                prompt_spans.append((req, row0 + j0 - 1 - start, j0, max(0, j1 - j0)))
-        width = max(len(f) for f, _ in tables)
-        full_table = np.zeros((n_seqs, width), dtype=np.int32)
-        sliding_table = np.zeros((n_seqs, width), dtype=np.int32)
-        for i, (f, sl) in enumerate(tables):
-            full_table[i, : len(f)] = f
-            sliding_table[i, : len(sl)] = sl
-        logits_rows = [r for r in sample_rows if r >= 0]
+        if b.prompt_logprobs[rows].any():
+            for i in np.flatnonzero(b.prompt_logprobs[rows]).tolist():
+                req = b.reqs[rows[i]]
+                s0, e = int(start[i]), int(seq_lens[i])
+                if req.num_prompt_logprobs_launched < req.num_prompt_tokens:
+                    # The row at position j - 1 gives the entry of prompt token j (token 0 has none).
+                    j0 = max(req.num_prompt_logprobs_launched, s0 + 1)
+                    j1 = min(e + 1, req.num_prompt_tokens)
+                    prompt_spans.append((req, int(qsl[i]) + j0 - 1 - s0, j0, max(0, j1 - j0)))
+        width = max(1, -(-int(seq_lens.max()) // bs)) if n else 1
+        b.flush()
         (
             input_ids,
             positions_t,
             full_slots_t,
             sliding_slots_t,
             logits_t,
-            src,
-            dst,
+            src_t,
+            dst_t,
+            rows_t,
+            sample_rows_t,
             qsl_t,
             lens_t,
-            full_t,
-            sliding_t,
         ) = to_device(
             [
-                np.asarray(ids, dtype=np.int64),
+                ids,
                 positions,
                 full_slots,
                 sliding_slots,
-                np.asarray(logits_rows, dtype=np.int64),
-                np.asarray(gather_src, dtype=np.int64),
-                np.asarray(gather_dst, dtype=np.int64),
-                np.asarray(qsl, dtype=np.int32),
-                np.asarray(seq_lens, dtype=np.int32),
-                full_table,
-                sliding_table,
+                sample_pos,
+                gather_src,
+                gather_dst,
+                rows,
+                sample_rows,
+                qsl.astype(np.int32),
+                seq_lens.astype(np.int32),
             ],
             self.device,
         )
-        if gather_dst:
-            assert prev is not None and prev.sampled is not None
-            input_ids.index_copy_(0, dst, prev.sampled.index_select(0, src))
+        if len(gather_dst):
+            input_ids.index_copy_(0, dst_t, b.last_token_dev.index_select(0, src_t))
+        full_t, sliding_t = b.tables_of(rows_t, width)
         batch = ForwardBatch(
             input_ids=input_ids,
             positions=positions_t,
             query_start_loc=qsl_t,
-            query_start_loc_cpu=qsl,
+            query_start_loc_cpu=qsl.tolist(),
             seq_lens=lens_t,
-            seq_lens_cpu=seq_lens,
+            seq_lens_cpu=seq_lens.tolist(),
             full_block_table=full_t,
             sliding_block_table=sliding_t,
             full_slot_mapping=full_slots_t,
             sliding_slot_mapping=sliding_slots_t,
             logits_indices=logits_t,
             sliding_window=self.model_config.sliding_window,
-            num_tokens=len(ids),
+            num_tokens=num_tokens,
+            max_query_len=int(q.max()) if n else 0,
         )
-        return batch, sample_rows, prompt_spans
+        return batch, sample_rows, sample_rows_t, prompt_spans
 
-    def prepare_sampling(self, reqs: list[Request]) -> SamplingBatch:
-        dev = self.device
-        ps = [r.sampling_params for r in reqs]
-        temperature, top_p, min_p, top_k = to_device(
-            [
-                np.asarray([p.temperature for p in ps], dtype=np.float32),
-                np.asarray([p.top_p for p in ps], dtype=np.float32),
-                np.asarray([p.min_p for p in ps], dtype=np.float32),
-                np.asarray([p.top_k for p in ps], dtype=np.int64),
-            ],
-            dev,
-        )
+    def prepare_sampling(self, b: InputBatch, sample_rows: np.ndarray, rows_t: torch.Tensor) -> SamplingBatch:
+        """The sampling parameters of `sample_rows`, gathered on the device from the batch's copies; rows
+        with per-request needs (seeds, min_tokens, logits processors, penalties) are visited one by one."""
         sb = SamplingBatch(
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            min_p=min_p,
-            all_greedy=all(p.is_greedy for p in ps),
-            any_top_p_or_k=any(p.top_p < 1.0 or p.top_k > 0 for p in ps),
-            any_min_p=any(p.min_p > 0 for p in ps),
+            temperature=b.temperature_dev.index_select(0, rows_t),
+            top_p=b.top_p_dev.index_select(0, rows_t),
+            top_k=b.top_k_dev.index_select(0, rows_t),
+            min_p=b.min_p_dev.index_select(0, rows_t),
+            all_greedy=bool(b.greedy[sample_rows].all()),
+            any_top_p_or_k=bool(((b.top_p[sample_rows] < 1.0) | (b.top_k[sample_rows] > 0)).any()),
+            any_min_p=bool((b.min_p[sample_rows] > 0).any()),
         )
-        if any(p.needs_penalties for p in ps):
-            n, v = len(reqs), self.vocab_size
-            sb.presence_penalty = torch.tensor(
-                [p.presence_penalty for p in ps], dtype=torch.float32, device=dev
-            )
-            sb.frequency_penalty = torch.tensor(
-                [p.frequency_penalty for p in ps], dtype=torch.float32, device=dev
-            )
-            sb.repetition_penalty = torch.tensor(
-                [p.repetition_penalty for p in ps], dtype=torch.float32, device=dev
-            )
-            sb.output_counts = torch.zeros(n, v, dtype=torch.float32, device=dev)
-            sb.prompt_mask = torch.zeros(n, v, dtype=torch.bool, device=dev)
-            for i, r in enumerate(reqs):
-                if r.output_token_ids:
-                    out = torch.tensor(r.output_token_ids, dtype=torch.int64, device=dev)
-                    sb.output_counts[i].scatter_add_(0, out, torch.ones_like(out, dtype=torch.float32))
-                sb.prompt_mask[i, torch.tensor(r.prompt_token_ids, dtype=torch.int64, device=dev)] = True
-        for i, r in enumerate(reqs):
+        k = int(b.logprobs[sample_rows].max())
+        if k >= 0:
+            sb.max_num_logprobs = k
+        special = np.flatnonzero(b.special[sample_rows]).tolist()
+        if not special:
+            return sb
+        reqs: list[Request] = [b.reqs[r] for r in sample_rows.tolist()]
+        dev = self.device
+        for i in special:
+            r = reqs[i]
             p = r.sampling_params
             if p.seed is not None and not p.is_greedy:
                 if r.generator is None:
@@ -306,9 +284,29 @@ class ModelRunner:
                     sb.blocked_tokens.append((i, blocked))
             if p.logits_processors:
                 sb.logits_processors.append((i, p.logits_processors, r.output_token_ids))
-            if p.logprobs is not None:
-                sb.max_num_logprobs = max(sb.max_num_logprobs or 0, p.logprobs)
+        if any(reqs[i].sampling_params.needs_penalties for i in special):
+            self._add_penalties(sb, reqs)
         return sb
+
+    def _add_penalties(self, sb: SamplingBatch, reqs: list[Request]) -> None:
+        dev, n, v = self.device, len(reqs), self.vocab_size
+        ps = [r.sampling_params for r in reqs]
+        sb.presence_penalty = torch.tensor([p.presence_penalty for p in ps], dtype=torch.float32, device=dev)
+        sb.frequency_penalty = torch.tensor(
+            [p.frequency_penalty for p in ps], dtype=torch.float32, device=dev
+        )
+        sb.repetition_penalty = torch.tensor(
+            [p.repetition_penalty for p in ps], dtype=torch.float32, device=dev
+        )
+        sb.output_counts = torch.zeros(n, v, dtype=torch.float32, device=dev)
+        sb.prompt_mask = torch.zeros(n, v, dtype=torch.bool, device=dev)
+        for i, r in enumerate(reqs):
+            if not r.sampling_params.needs_penalties:
+                continue
+            if r.output_token_ids:
+                out = torch.tensor(r.output_token_ids, dtype=torch.int64, device=dev)
+                sb.output_counts[i].scatter_add_(0, out, torch.ones_like(out, dtype=torch.float32))
+            sb.prompt_mask[i, torch.tensor(r.prompt_token_ids, dtype=torch.int64, device=dev)] = True
 
     def run_model(self, batch: ForwardBatch) -> torch.Tensor:
         """Final hidden states of `batch`, from a captured decode graph where one fits. Every rank of a
@@ -324,27 +322,19 @@ class ModelRunner:
         return self.model(batch, self.kv_caches)
 
     @torch.inference_mode()
-    def launch(
-        self, sched: SchedulerOutput, kv: KVCacheManager, prev: StepHandle | None = None
-    ) -> StepHandle:
+    def launch(self, sched: SchedulerOutput, b: InputBatch) -> StepHandle:
         """Queue the step's device work; returns before it completes (on CUDA)."""
-        batch, sample_rows, prompt_spans = self.prepare_batch(sched, kv, prev)
+        batch, sample_rows, rows_t, prompt_spans = self.prepare_batch(sched, b)
         hidden = self.run_model(batch)
-        # Results only for requests that get one (a token or prompt logprobs); the others read as empty.
-        handle = StepHandle(sched, {})
+        handle = StepHandle(sched, sample_rows, b.handle[sample_rows])
         for req, row, pos, count in prompt_spans:
-            handle.results[req.request_id] = RequestStepResult(
-                prompt_logprobs=self._prompt_logprobs(req, hidden, row, pos, count)
-            )
-        handle.sampling_reqs = [
-            req for (req, _), r in zip(sched.scheduled, sample_rows, strict=True) if r >= 0
-        ]
-        if not handle.sampling_reqs:
+            handle.prompt_logprobs.append(self._prompt_logprobs(req, hidden, row, pos, count))
+        if not len(sample_rows):
             return handle
-        handle.row_of = {req.request_id: i for i, req in enumerate(handle.sampling_reqs)}
         logits = self.model.compute_logits(hidden[batch.logits_indices])
-        out = self.sampler(logits, self.prepare_sampling(handle.sampling_reqs))
-        handle.sampled = out.sampled
+        out = self.sampler(logits, self.prepare_sampling(b, sample_rows, rows_t))
+        # The next step's decode inputs read the sampled tokens from here, in stream order.
+        b.last_token_dev.index_copy_(0, rows_t, out.sampled)
         device_out = [out.sampled, out.logprob_token_ids, out.logprobs, out.sampled_ranks]
         if self.device.type == "cuda":
             # Copies into pinned memory, in stream order after this step's kernels; the event lets the
@@ -362,49 +352,47 @@ class ModelRunner:
             handle.host = device_out
         return handle
 
-    def collect(self, handle: StepHandle) -> dict[str, RequestStepResult]:
-        """Wait for a launched step and turn its sampled tokens and logprobs into per-request results."""
-        if not handle.sampling_reqs:
-            return handle.results
+    def collect(self, handle: StepHandle) -> StepResult:
+        """Wait for a launched step and read its sampled tokens (and logprobs) back."""
+        res = StepResult(handle.sample_rows, handle.sample_handles, np.zeros(0, np.int64))
+        res.prompt_logprobs = handle.prompt_logprobs
+        if not len(handle.sample_rows):
+            return res
         if handle.event is not None:
             t0 = time.perf_counter()
             handle.event.synchronize()
             self.device_wait_s += time.perf_counter() - t0
         tok_t, ids_t, lps_t, ranks_t = handle.host
         assert tok_t is not None
-        tokens = tok_t.tolist()
-        lp_ids = ids_t.tolist() if ids_t is not None else None
-        lps = lps_t.tolist() if lps_t is not None else None
-        ranks = ranks_t.tolist() if ranks_t is not None else None
-        for i, req in enumerate(handle.sampling_reqs):
-            res = handle.results.get(req.request_id)
-            if res is None:
-                res = handle.results[req.request_id] = RequestStepResult()
-            res.token = tokens[i]
-            k = req.sampling_params.logprobs
-            if k is not None and lp_ids is not None and lps is not None and ranks is not None:
-                entry = {tokens[i]: (lps[i][0], ranks[i])}
-                for j in range(1, 1 + k):
-                    entry.setdefault(lp_ids[i][j], (lps[i][j], j))
-                res.logprobs = entry
-        return handle.results
+        res.tokens = tok_t.numpy().copy()
+        if ids_t is not None and lps_t is not None and ranks_t is not None:
+            res.lp_ids = ids_t.numpy().astype(np.int32)
+            res.lp_values = lps_t.numpy().astype(np.float32)
+            res.lp_ranks = ranks_t.numpy().astype(np.int32)
+        return res
 
     def _prompt_logprobs(
         self, req: Request, hidden: torch.Tensor, row: int, j0: int, count: int
-    ) -> list[LogprobEntry | None]:
+    ) -> PromptLogprobs:
         k = req.sampling_params.prompt_logprobs or 0
-        entries: list[LogprobEntry | None] = [] if req.num_prompt_logprobs_launched else [None]
         req.num_prompt_logprobs_launched = max(req.num_prompt_logprobs_launched, j0 + count, 1)
         targets = req.prompt_token_ids[j0 : j0 + count]
+        ids_parts, lps_parts, ranks_parts = [], [], []
         for c0 in range(0, count, _PROMPT_LOGPROB_CHUNK):
             c1 = min(count, c0 + _PROMPT_LOGPROB_CHUNK)
             logits = self.model.compute_logits(hidden[row + c0 : row + c1])
             tgt = torch.tensor(targets[c0:c1], dtype=torch.int64, device=logits.device)
             ids, lps, ranks = compute_logprobs(torch.log_softmax(logits, dim=-1), tgt, k)
-            ids_l, lps_l, ranks_l = ids.tolist(), lps.tolist(), ranks.tolist()
-            for i in range(c1 - c0):
-                entry = {ids_l[i][0]: (lps_l[i][0], ranks_l[i])}
-                for j in range(1, 1 + k):
-                    entry.setdefault(ids_l[i][j], (lps_l[i][j], j))
-                entries.append(entry)
-        return entries
+            ids_parts.append(ids.cpu().numpy().astype(np.int32))
+            lps_parts.append(lps.float().cpu().numpy())
+            ranks_parts.append(ranks.cpu().numpy().astype(np.int32))
+        if not ids_parts:
+            empty = np.zeros((0, 1 + k), np.int32)
+            return PromptLogprobs(req.handle, j0, empty, empty.astype(np.float32), np.zeros(0, np.int32))
+        return PromptLogprobs(
+            req.handle,
+            j0,
+            np.concatenate(ids_parts),
+            np.concatenate(lps_parts),
+            np.concatenate(ranks_parts),
+        )

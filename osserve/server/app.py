@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from osserve import __version__
 from osserve.config import EngineConfig
-from osserve.engine.async_engine import AsyncEngine
+from osserve.engine.async_engine import AsyncEngine, EngineClient
 from osserve.engine.engine import EngineCore
 from osserve.server.chat import create_chat_completion
 from osserve.server.completions import create_completion
@@ -116,13 +116,13 @@ def create_app(
     request_hook: RequestHook | None = None,
     tokenizer: Any = None,
     core_factory: Callable[[], tuple[EngineCore, str]] | None = None,
-    engine: Any = None,
+    engine: EngineClient | None = None,
 ) -> FastAPI:
     """The server app for one model. The engine loads in the background once the app starts
     (`core_factory`, if given, replaces `build_engine`: tests use it to hold or fail the load).
 
-    `engine`: any object with AsyncEngine's interface (the disaggregated frontend passes one that routes to
-    remote workers); default: an AsyncEngine in this process."""
+    `engine`: any EngineClient (the disaggregated frontend passes one that routes to remote workers);
+    default: a ProcessEngine (engine loop in a child process) or an AsyncEngine in this process."""
     if engine is None and core_factory is None and _engine_in_own_process(config):
         from osserve.engine.engine_process import ProcessEngine
 
@@ -203,17 +203,13 @@ def _engine_in_own_process(config: EngineConfig) -> bool:
 
 
 def _model_card(state: ServerState) -> dict[str, Any]:
-    core = state.engine.core
     return {
         "id": state.served_model_name,
         "object": "model",
         "created": state.created,
         "owned_by": "osserve",
         "root": state.config.model or state.served_model_name,
-        "max_model_len": core.max_seq_len
-        if core is not None
-        # An engine over other processes (the disaggregated frontend) knows its workers' limit.
-        else getattr(state.engine, "max_seq_len", None) or state.config.max_seq_len,
+        "max_model_len": state.engine.max_seq_len or state.config.max_seq_len,
     }
 
 
@@ -232,8 +228,8 @@ def _health(state: ServerState) -> JSONResponse:
         },
         "server": {"num_in_flight": state.num_in_flight, "queue_depth": state.queue_depth()},
     }
-    if hasattr(engine, "health_extra"):  # an engine over other processes describes them (disaggregated)
-        body.update(engine.health_extra())
+    # An engine over other processes describes them (the disaggregated frontend's workers).
+    body.update(engine.health_extra())
     if engine.state == "ready":
         return JSONResponse(body)
     try:

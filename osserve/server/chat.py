@@ -216,6 +216,7 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
             "max_tokens": "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens",
             "logprobs": "top_logprobs",
         },
+        detokenize=False,
     )
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if any(not s for s in stops):

@@ -202,6 +202,7 @@ async def create_response(state: ServerState, req: ResponsesRequest, raw: Reques
         stop_token_ids=tok.stop_token_ids_for_assistant(),
         logprobs=req.top_logprobs,
         param_names={"max_tokens": "max_output_tokens", "logprobs": "top_logprobs"},
+        detokenize=False,
     )
     state.apply_hook("responses", req, prompt_ids, params)
     response_id = _new_id("resp")

@@ -18,7 +18,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from osserve.config import EngineConfig
-from osserve.engine.async_engine import AsyncEngine, EngineDeadError, EngineNotReadyError
+from osserve.engine.async_engine import EngineClient, EngineDeadError, EngineNotReadyError
 from osserve.engine.outputs import RequestOutput
 from osserve.sampling_params import OutputKind, SamplingParams
 from osserve.server.errors import APIError, from_value_error
@@ -38,7 +38,7 @@ class ServerState:
     def __init__(
         self,
         config: EngineConfig,
-        engine: AsyncEngine,
+        engine: EngineClient,
         served_model_name: str,
         api_key: str | None = None,
         max_queue_len: int | None = None,
@@ -313,8 +313,12 @@ def sampling_params(
     stop_token_ids: list[int] | None = None,
     logprobs: int | None = None,
     param_names: dict[str, str] | None = None,
+    detokenize: bool = True,
 ) -> SamplingParams:
+    """`detokenize` False: the endpoint reads token ids only (Harmony parsing), so the engine's client
+    side makes no text."""
     kwargs: dict[str, Any] = {
+        "detokenize": detokenize,
         "n": n,
         "max_tokens": max_tokens,
         "stop": stop,

@@ -8,13 +8,12 @@ Release. Registry (worker DEALER -> frontend ROUTER, when there is no etcd): Reg
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import msgspec
 
 from osserve.engine.outputs import RequestOutput
-from osserve.sampling_params import OutputKind, SamplingParams
+from osserve.sampling_params import SamplingParams
 
 ROLES = ("prefill", "decode", "both")
 
@@ -184,20 +183,8 @@ def decode(parts: list[Any]) -> tuple[Any, list[Any]]:
 # -- SamplingParams ---------------------------------------------------------------------------------------
 def params_to_wire(params: SamplingParams) -> dict[str, Any]:
     """SamplingParams as plain data; logits processors (code) cannot cross processes."""
-    if params.logits_processors:
-        raise ValueError("logits processors cannot be sent to remote workers")
-    out = {
-        f.name: getattr(params, f.name) for f in dataclasses.fields(params) if f.name != "logits_processors"
-    }
-    out["output_kind"] = params.output_kind.value
-    return out
+    return params.to_wire()
 
 
 def params_from_wire(data: dict[str, Any]) -> SamplingParams:
-    names = {f.name for f in dataclasses.fields(SamplingParams)} - {"logits_processors"}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"unknown sampling parameter(s) {', '.join(unknown)}")
-    data = dict(data)
-    data["output_kind"] = OutputKind(data.get("output_kind", OutputKind.DELTA.value))
-    return SamplingParams(**data)
+    return SamplingParams.from_wire(data)

@@ -417,7 +417,10 @@ class Worker:
                 stream = engine.add_request(rid, prompt, params)
             elif msg.mode == "prefill":
                 stream = engine.adopt(
-                    rid, lambda core: handoff.add_prefill_only(rid, prompt, params), params.output_kind
+                    rid,
+                    lambda core, handle: handoff.add_prefill_only(rid, prompt, params, handle),
+                    params,
+                    prompt,
                 )
             elif msg.mode == "continue":
                 if msg.handoff is None:
@@ -482,7 +485,13 @@ class Worker:
                     await engine.call(lambda core: handoff.release(rid), 30.0)
                     raise
                 self.counters["kv_pulled"] += 1
-                return engine.adopt(rid, lambda core: handoff.start_continued(rid, state), params.output_kind)
+                return engine.adopt(
+                    rid,
+                    lambda core, handle: handoff.start_continued(rid, state, handle),
+                    params,
+                    prompt,
+                    _restored(state),
+                )
             except KVTransferError as e:
                 logger.warning(
                     "request %s: KV pull from %s failed (%s); recomputing the prompt here",
@@ -492,7 +501,11 @@ class Worker:
                 )
         self.counters["kv_recomputed"] += 1
         return engine.adopt(
-            rid, lambda core: handoff.start_resumed(rid, prompt, params, state), params.output_kind
+            rid,
+            lambda core, handle: handoff.start_resumed(rid, prompt, params, state, handle),
+            params,
+            prompt,
+            _restored(state),
         )
 
     async def _reserve(self, rid: str, prompt: list[int], params: Any) -> None:
@@ -522,6 +535,11 @@ class Worker:
             return
         assert last is not None
         raise last
+
+
+def _restored(state: HandoffState) -> tuple[list[int], int, float]:
+    """What the client side of the engine continues from: the tokens, the text already sent, the logprob."""
+    return list(state.output_token_ids), state.num_sent_chars, state.cumulative_logprob
 
 
 async def serve_worker(worker: Worker) -> int:
