@@ -179,9 +179,12 @@ def test_attention_data_parallel_matches_one_rank(tiny_ckpt, reference, monkeypa
         llm.engine.step()
         aborted = llm.engine.abort(["a1"])
         assert aborted and aborted[0].finished and aborted[0].outputs[0].finish_reason == "abort"
-        # Rank 1 has nothing left: it joins these steps' MoE exchanges with idle forwards.
-        for _ in range(3):
-            assert [o.request_id for o in llm.engine.step()] == ["a0"]
+        # Rank 1 has nothing left: it joins these steps' MoE exchanges with idle forwards. (Steps that only
+        # compute a prompt chunk have no output.)
+        got: list[str] = []
+        while len(got) < 3:
+            got += [o.request_id for o in llm.engine.step()]
+        assert got == ["a0"] * len(got)
         assert llm.engine.stats()["num_running"] == 1
         # One forward per rank per global step, idle ones included (rank 1 sat out at least the last 3).
         dp = llm.engine.core

@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "requests_per_s": args.num_prompts / elapsed,
         "output_tokens_per_s": n_out / elapsed,
         "total_tokens_per_s": (n_in + n_out) / elapsed,
-        "num_steps": llm.engine.num_steps,
+        "num_steps": llm.engine.stats()["num_steps"],
         "mean_ttft_ms": 1000 * sum(ttft) / len(ttft),
         "mean_decode_tokens_per_s_per_request": sum(decode) / len(decode) if decode else None,
     }

@@ -135,11 +135,15 @@ class ProcessEngine(AsyncEngine):
         """Start the child, wait for its model, then take its per-step messages until it stops."""
         base = os.path.join(tempfile.gettempdir(), f"osserve-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         to_addr, from_addr = f"ipc://{base}-in", f"ipc://{base}-out"
+        # NOTE: no high-water marks: a burst of adds must never be dropped (a lost add is a stream that never
+        # ends), nor may the engine block on a busy server.
         to_child = self._ctx.socket(zmq.PUSH)
         to_child.setsockopt(zmq.LINGER, 0)
+        to_child.setsockopt(zmq.SNDHWM, 0)
         to_child.bind(to_addr)
         from_child = self._ctx.socket(zmq.PULL)
         from_child.setsockopt(zmq.LINGER, 0)
+        from_child.setsockopt(zmq.RCVHWM, 0)
         from_child.bind(from_addr)
         ctx = mp.get_context("spawn")
         # NOTE: not daemonic: a parallel engine starts rank processes of its own from the child.
@@ -212,9 +216,11 @@ def _child_main(config: EngineConfig, inbox_addr: str, outbox_addr: str, log_lev
     parent = os.getppid()
     ctx = zmq.Context()
     inbox = ctx.socket(zmq.PULL)
+    inbox.setsockopt(zmq.RCVHWM, 0)
     inbox.connect(inbox_addr)
     outbox = ctx.socket(zmq.PUSH)
     outbox.setsockopt(zmq.LINGER, 2000)
+    outbox.setsockopt(zmq.SNDHWM, 0)
     outbox.connect(outbox_addr)
     from osserve.engine.factory import build_engine
 

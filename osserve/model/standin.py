@@ -30,6 +30,9 @@ def parse_standin_spec(model: str) -> str | None:
 class StandInModel(torch.nn.Module):
     def __init__(self, preset: str, dtype: torch.dtype):
         super().__init__()
+        # NOTE: nothing here computes; torch's thread pool would only add its wake-ups to the host path
+        # being measured (this model lives in an engine process of its own, or a benchmark's).
+        torch.set_num_threads(1)
         cfg = get_preset(preset)
         self.config: ModelConfig = cfg
         self.dtype = dtype

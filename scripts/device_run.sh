@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# Every measurement on the lent GPU machine, as named suites of one script:
+#
+#   bash scripts/device_run.sh SUITE [SUITE ...]
+#
+# Suites (each logs to $R and prints its figures; everything under $R is packed into $OUT at the end):
+#   ceilings           device-to-device copy GB/s and bf16 matmul TFLOP/s of this GPU
+#   engine-test        tests/gpu/test_engine_gpu.py (the GPU path against the float32-anchored PyTorch path)
+#   kernel-tests       every Triton kernel against its PyTorch twin (tests/gpu, engine and parallel excluded)
+#   kernels            `osserve bench kernels` per-kernel shares (KBENCH_ARGS)
+#   serve:NAME         `osserve serve` + `osserve bench serve` workloads, configured by the variables below
+#
+# serve:NAME reads, with defaults: MODEL (random:gpt-oss-20b), SERVE_ARGS (extra `osserve serve` flags),
+# ROOT (the checkout to serve from: `.` or a second checkout carried beside it, e.g. `.old` for a before/after
+# in one lease), WORKLOADS (space-separated CONC:PROMPTS:IN:OUT, e.g. "1:4:1024:256 512:512:1000:1000"),
+# PYSPY (seconds of py-spy on the engine process during the last workload; 0: none). NAME_MODEL, NAME_SERVE_ARGS,
+# NAME_ROOT, NAME_WORKLOADS, NAME_PYSPY (NAME with anything but letters, digits and _ as _) override them
+# for one suite.
+# Example: WORKLOADS="512:512:1000:1000" old_ROOT=.old bash scripts/device_run.sh ceilings serve:new serve:old
+set -uo pipefail
+source scripts/device_setup.sh
+R=${R:-/tmp/results}
+OUT=${OUT:-/tmp/osserve-out}
+mkdir -p "$R" "$OUT"
+log() { echo "=== $* ($(date +%T))"; }
+
+suite_ceilings() {
+  python3 - <<'PY'
+import torch, time
+x = torch.empty(2 * 1024**3, dtype=torch.uint8, device="cuda"); y = torch.empty_like(x)
+for _ in range(3): y.copy_(x)
+torch.cuda.synchronize(); t = time.perf_counter(); n = 20
+for _ in range(n): y.copy_(x)
+torch.cuda.synchronize(); dt = (time.perf_counter() - t) / n
+print(f"ceiling copy: {2 * x.numel() / dt / 1e9:.0f} GB/s (read + write)")
+a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda"); b = torch.randn_like(a)
+for _ in range(3): a @ b
+torch.cuda.synchronize(); t = time.perf_counter(); n = 10
+for _ in range(n): a @ b
+torch.cuda.synchronize(); dt = (time.perf_counter() - t) / n
+print(f"ceiling bf16 matmul: {2 * 8192**3 / dt / 1e12:.0f} TFLOP/s")
+PY
+}
+
+suite_engine-test() {
+  timeout ${ENGINE_TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider -rfE -s tests/gpu/test_engine_gpu.py > "$R/engine_gpu.log" 2>&1
+  echo "engine test rc $?"; grep -E "GPU path|PyTorch path|same greedy|passed|failed|FAILED|Error" "$R/engine_gpu.log" | tail -8
+}
+
+suite_kernel-tests() {
+  timeout 500 python3 -m pytest -q -p no:cacheprovider -rfE tests/gpu --ignore=tests/gpu/test_engine_gpu.py \
+    --ignore=tests/gpu/test_parallel_gpu.py > "$R/kernels_gpu.log" 2>&1
+  echo "kernel tests rc $?"; grep -E "passed|failed|FAILED|Error" "$R/kernels_gpu.log" | tail -12
+}
+
+suite_kernels() {
+  timeout 400 python3 -m osserve bench kernels ${KBENCH_ARGS:---quick} > "$R/kernels.log" 2>&1
+  echo "bench kernels rc $?"; tail -60 "$R/kernels.log"
+}
+
+opt() {  # opt NAME VAR DEFAULT: $NAME_VAR, else $VAR, else DEFAULT
+  local key="${1//[^A-Za-z0-9_]/_}_$2"
+  if [ -n "${!key:-}" ]; then echo "${!key}"; elif [ -n "${!2:-}" ]; then echo "${!2}"; else echo "$3"; fi
+}
+
+serve_start() {  # serve_start NAME: osserve serve from its ROOT on port 8000
+  local root model args
+  root=$(opt "$1" ROOT .); model=$(opt "$1" MODEL random:gpt-oss-20b); args=$(opt "$1" SERVE_ARGS "")
+  ( cd "$root" && PYTHONPATH=${SITE:+$SITE:}$PWD exec python3 -m osserve serve --port 8000 --model "$model" $args ) \
+    > "$R/server-$1.log" 2>&1 &
+  SERVER=$!
+  for _ in $(seq 400); do
+    curl -sf http://127.0.0.1:8000/health > /dev/null && return 0
+    kill -0 $SERVER 2>/dev/null || break; sleep 1
+  done
+  echo "server $1 did not become ready"; tail -30 "$R/server-$1.log"; return 1
+}
+
+suite_serve() {  # suite_serve NAME
+  local name=$1 w conc n in out spy=""
+  SITE=${PYTHONPATH%%:*}
+  serve_start "$name" || { kill $SERVER 2>/dev/null; return 1; }
+  grep -E "KV cache|captured" "$R/server-$name.log" | tail -2
+  local workloads pyspy; workloads=$(opt "$name" WORKLOADS 512:512:1000:1000); pyspy=$(opt "$name" PYSPY 0)
+  local last=${workloads##* }
+  for w in $workloads; do
+    IFS=: read conc n in out <<< "$w"
+    if [ "$w" = "$last" ] && [ "$pyspy" != 0 ]; then
+      ( sleep 25; engine=$(grep -o "engine process started (pid [0-9]*" "$R/server-$name.log" | grep -o "[0-9]*$")
+        timeout $((pyspy + 15)) /tmp/site/bin/py-spy record --pid "${engine:-$SERVER}" --duration "$pyspy" --rate 200 \
+              --nonblocking --format raw --output "$R/pyspy-$name.txt" > "$R/pyspy-$name.log" 2>&1 ) &
+      spy=$!
+    fi
+    timeout 300 python3 -m osserve bench serve --base-url http://127.0.0.1:8000 --endpoint completions --disable-tqdm \
+      --num-warmups 1 --random-input-len "$in" --random-output-len "$out" --max-concurrency "$conc" --num-prompts "$n" \
+      --save-result --result-dir "$R" --result-filename "$name-c$conc-$in-$out.json" > "$R/bench-$name-c$conc.log" 2>&1
+    echo "--- $name concurrency $conc ($n x $in/$out), rc $?"
+    grep -E "Output token throughput|Mean TTFT|Mean TPOT|per user" "$R/bench-$name-c$conc.log" | head -5
+  done
+  [ -n "$spy" ] && wait "$spy"
+  grep -E "engine:" "$R/server-$name.log" | tail -4
+  kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null
+  [ -f "$R/pyspy-$name.txt" ] && python3 scripts/pyspy_top.py "$R/pyspy-$name.txt" | head -25
+}
+
+for s in "$@"; do
+  log "$s"
+  case "$s" in
+    serve:*) suite_serve "${s#serve:}" ;;
+    *) "suite_$s" ;;
+  esac
+  # After every suite, so that a command stopped at its time limit still returns what it measured.
+  tar czf "$OUT/results.tgz" -C "$R" .
+done
+echo "packed $(ls "$R" | wc -l) files into $OUT/results.tgz"
