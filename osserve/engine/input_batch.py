@@ -42,8 +42,8 @@ class InputBatch:
         self.stop_ids = np.full((r, 4), -1, np.int64)
         self.stop_is_token = np.zeros((r, 4), np.bool_)
         self.last_token = np.zeros(r, np.int64)  # the last token known on the host
-        # Sampling parameters, and rows whose sampling needs per-request work (seeds, min_tokens, logits
-        # processors, penalties): the runner visits only those one by one.
+        # Sampling parameters, and rows whose sampling needs per-request work (seeds, logits processors,
+        # penalties): the runner visits only those one by one.
         self.temperature = np.ones(r, np.float32)
         self.top_p = np.ones(r, np.float32)
         self.top_k = np.zeros(r, np.int64)
@@ -108,7 +108,7 @@ class InputBatch:
         self.greedy[row] = p.is_greedy
         self.logprobs[row] = -1 if p.logprobs is None else p.logprobs
         sync = p.needs_penalties or bool(p.logits_processors)
-        self.special[row] = sync or (p.seed is not None and not p.is_greedy) or p.min_tokens > 0
+        self.special[row] = sync or (p.seed is not None and not p.is_greedy)
         self.prompt_logprobs[row] = p.prompt_logprobs is not None
         self.num_sync += sync
         self._params_dirty = True

@@ -251,7 +251,7 @@ class ModelRunner:
 
     def prepare_sampling(self, b: InputBatch, sample_rows: np.ndarray, rows_t: torch.Tensor) -> SamplingBatch:
         """The sampling parameters of `sample_rows`, gathered on the device from the batch's copies; rows
-        with per-request needs (seeds, min_tokens, logits processors, penalties) are visited one by one."""
+        with per-request needs (seeds, logits processors, penalties) are visited one by one."""
         sb = SamplingBatch(
             temperature=b.temperature_dev.index_select(0, rows_t),
             top_p=b.top_p_dev.index_select(0, rows_t),
@@ -264,6 +264,18 @@ class ModelRunner:
         k = int(b.logprobs[sample_rows].max())
         if k >= 0:
             sb.max_num_logprobs = k
+        # Rows short of min_tokens may not sample their stop tokens yet (their stop table: stop_token_ids and
+        # the eos tokens unless ignore_eos).
+        produced = b.num_tokens[sample_rows] - b.num_prompt[sample_rows] + b.num_pending[sample_rows]
+        short = np.flatnonzero(produced < b.min_tokens[sample_rows])
+        if len(short):
+            ids = b.stop_ids[sample_rows[short]]
+            keep = ids >= 0
+            if keep.any():
+                rows_t, ids_t = to_device(
+                    [np.repeat(short, ids.shape[1])[keep.ravel()], ids[keep]], self.device
+                )
+                sb.blocked = (rows_t, ids_t)
         special = np.flatnonzero(b.special[sample_rows]).tolist()
         if not special:
             return sb
@@ -278,10 +290,6 @@ class ModelRunner:
                     # Samples of one n > 1 request get consecutive seeds, as in vLLM.
                     r.generator.manual_seed(p.seed + r.sample_index)
                 sb.generators[i] = r.generator
-            if len(r.output_token_ids) + r.num_pending < p.min_tokens:
-                blocked = list(p.stop_token_ids) + ([] if p.ignore_eos else sorted(r.eos_token_ids))
-                if blocked:
-                    sb.blocked_tokens.append((i, blocked))
             if p.logits_processors:
                 sb.logits_processors.append((i, p.logits_processors, r.output_token_ids))
         if any(reqs[i].sampling_params.needs_penalties for i in special):

@@ -32,8 +32,9 @@ class SamplingBatch:
     prompt_mask: torch.Tensor | None = None
     # Row -> generator for seeded rows.
     generators: dict[int, torch.Generator] = field(default_factory=dict)
-    # (row, token ids) that may not be sampled yet (stop / eos tokens before min_tokens).
-    blocked_tokens: list[tuple[int, list[int]]] = field(default_factory=list)
+    # (rows, token ids), one pair per entry: tokens that may not be sampled yet (stop / eos tokens before
+    # min_tokens).
+    blocked: tuple[torch.Tensor, torch.Tensor] | None = None
     # (row, processors, output token ids so far).
     logits_processors: list[tuple[int, list[LogitsProcessor], list[int]]] = field(default_factory=list)
     # Largest number of top logprobs any row asked for; None: no row wants logprobs.
@@ -71,11 +72,10 @@ class Sampler:
         raw_logprobs = torch.log_softmax(logits, dim=-1) if sb.max_num_logprobs is not None else None
         if sb.output_counts is not None:
             logits = self._apply_penalties(logits, sb)
-        elif sb.blocked_tokens or sb.logits_processors:
+        elif sb.blocked is not None or sb.logits_processors:
             logits = logits.clone()  # edited in place below; the caller's logits stay as the model made them
-        if sb.blocked_tokens:
-            for row, ids in sb.blocked_tokens:
-                logits[row, ids] = float("-inf")
+        if sb.blocked is not None:
+            logits[sb.blocked] = float("-inf")
         for row, procs, out_ids in sb.logits_processors:
             for proc in procs:
                 logits[row] = proc(out_ids, logits[row])
