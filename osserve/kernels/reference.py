@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 
 from osserve.engine.batch import AttentionMetadata
+from osserve.kernels.moe_weights import MoEWeights
 
 # E2M1 code -> value; bit 3 is the sign.
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
@@ -197,26 +198,22 @@ def _moe(
     x: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
-    num_local: int,
+    experts: MoEWeights,
     expert_weights: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
-    b13: torch.Tensor | None,
-    b2: torch.Tensor | None,
-    limit: float,
-    alpha: float,
-    expert_offset: int,
 ) -> torch.Tensor:
     """The expert loop shared by moe_dense and moe_mxfp4; `expert_weights(e)` gives (w13, w2) of local e."""
     out = torch.zeros_like(x)
-    local_ids = topk_ids - expert_offset
+    local_ids = topk_ids - experts.expert_offset
+    b13, b2 = experts.w13_bias, experts.w2_bias
     for e in torch.unique(local_ids).tolist():
-        if e < 0 or e >= num_local:
+        if e < 0 or e >= experts.num_local:
             continue
         w13, w2 = expert_weights(e)
         tok, slot = torch.where(local_ids == e)
         h = x[tok] @ w13.t()
         if b13 is not None:
             h = h + b13[e].to(h.dtype)
-        y = swiglu(h, limit, alpha) @ w2.t()
+        y = swiglu(h, experts.swiglu_limit, experts.swiglu_alpha) @ w2.t()
         if b2 is not None:
             y = y + b2[e].to(y.dtype)
         out.index_add_(0, tok, (y * topk_weights[tok, slot, None]).to(x.dtype))
@@ -224,56 +221,22 @@ def _moe(
 
 
 def moe_dense(
-    x: torch.Tensor,
-    topk_weights: torch.Tensor,
-    topk_ids: torch.Tensor,
-    w13: torch.Tensor,
-    b13: torch.Tensor | None,
-    w2: torch.Tensor,
-    b2: torch.Tensor | None,
-    limit: float,
-    alpha: float,
-    expert_offset: int = 0,
+    x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, experts: MoEWeights
 ) -> torch.Tensor:
-    """Mixture of experts over dense weights: w13 [E, 2I, H], w2 [E, H, I] (rows = outputs).
-
-    Only experts expert_offset .. expert_offset + E - 1 are held here (expert parallelism); tokens routed
-    elsewhere contribute nothing on this rank.
-    """
-    return _moe(
-        x,
-        topk_weights,
-        topk_ids,
-        w13.shape[0],
-        lambda e: (w13[e], w2[e]),
-        b13,
-        b2,
-        limit,
-        alpha,
-        expert_offset,
-    )
+    """Mixture of experts over dense weights (the CPU layout): tokens routed to experts not held here
+    contribute nothing on this rank."""
+    return _moe(x, topk_weights, topk_ids, experts, lambda e: (experts.w13[e], experts.w2[e]))
 
 
 def moe_mxfp4(
-    x: torch.Tensor,
-    topk_weights: torch.Tensor,
-    topk_ids: torch.Tensor,
-    w13_blocks: torch.Tensor,
-    w13_scales: torch.Tensor,
-    b13: torch.Tensor | None,
-    w2_blocks: torch.Tensor,
-    w2_scales: torch.Tensor,
-    b2: torch.Tensor | None,
-    limit: float,
-    alpha: float,
-    expert_offset: int = 0,
+    x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, experts: MoEWeights
 ) -> torch.Tensor:
-    """moe_dense over packed MXFP4 weights, dequantizing one expert at a time (the Triton kernel's twin)."""
+    """moe_dense over packed MXFP4 weights, dequantizing one expert at a time (the Triton paths' twin)."""
 
     def weights(e: int) -> tuple[torch.Tensor, torch.Tensor]:
         return (
-            mxfp4_dequantize(w13_blocks[e], w13_scales[e], x.dtype),
-            mxfp4_dequantize(w2_blocks[e], w2_scales[e], x.dtype),
+            mxfp4_dequantize(experts.w13[e], experts.w13_scales[e], x.dtype),
+            mxfp4_dequantize(experts.w2[e], experts.w2_scales[e], x.dtype),
         )
 
-    return _moe(x, topk_weights, topk_ids, w13_blocks.shape[0], weights, b13, b2, limit, alpha, expert_offset)
+    return _moe(x, topk_weights, topk_ids, experts, weights)

@@ -1,0 +1,72 @@
+"""The experts of one MoE layer as one object: what every MoE op (the PyTorch twins and the Triton paths) takes.
+
+Rows are outputs, as in the checkpoint: w13 interleaves gate (even rows) and linear (odd rows), so the clamped
+SwiGLU is an epilogue over row pairs. Packed experts hold MXFP4 blocks `[E, rows, cols / 32, 16]` (uint8, low
+nibble first) and E8M0 scales `[E, rows, cols / 32]`; dense experts hold `[E, rows, cols]` and no scales.
+Experts `expert_offset .. expert_offset + E - 1` are held here (expert parallelism).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class MoEWeights:
+    w13: torch.Tensor  # packed [E, 2I, H/32, 16] uint8, or dense [E, 2I, H]
+    w13_scales: torch.Tensor | None  # [E, 2I, H/32] uint8 (packed only)
+    w13_bias: torch.Tensor | None  # [E, 2I]
+    w2: torch.Tensor  # packed [E, H, I/32, 16] uint8, or dense [E, H, I]
+    w2_scales: torch.Tensor | None  # [E, H, I/32] uint8 (packed only)
+    w2_bias: torch.Tensor | None  # [E, H]
+    swiglu_limit: float
+    swiglu_alpha: float
+    expert_offset: int = 0
+
+    def __post_init__(self) -> None:
+        packed = self.w13_scales is not None
+        if packed != (self.w2_scales is not None):
+            raise ValueError("MoEWeights: give scales for both w13 and w2 (packed) or for neither (dense)")
+        e, two_inter = self.w13.shape[:2]
+        hidden = self.w13.shape[2] * 32 if packed else self.w13.shape[2]
+        inter = two_inter // 2
+        w2_shape = (e, hidden, inter // 32, 16) if packed else (e, hidden, inter)
+        if two_inter % 2 or tuple(self.w2.shape) != w2_shape:
+            raise ValueError(
+                f"MoEWeights: w13 {tuple(self.w13.shape)} and w2 {tuple(self.w2.shape)} disagree on hidden / "
+                f"intermediate sizes (want w2 {w2_shape})"
+            )
+        if packed:
+            for name, blocks, scales in (("w13", self.w13, self.w13_scales), ("w2", self.w2, self.w2_scales)):
+                if scales.shape != blocks.shape[:-1] or blocks.shape[-1] != 16:
+                    raise ValueError(
+                        f"MoEWeights: {name} blocks {tuple(blocks.shape)} need [..., G, 16] and scales "
+                        f"[..., G], got scales {tuple(scales.shape)}"
+                    )
+                for t in (blocks, scales):
+                    if t.dtype != torch.uint8 or t.stride(-1) != 1 or (t.dim() == 4 and t.stride(-2) != 16):
+                        raise ValueError(
+                            f"MoEWeights: {name} blocks and scales must be uint8 with packed rows "
+                            f"(got {t.dtype}, strides {t.stride()})"
+                        )
+        for name, bias, rows in (("w13_bias", self.w13_bias, two_inter), ("w2_bias", self.w2_bias, hidden)):
+            if bias is not None and tuple(bias.shape) != (e, rows):
+                raise ValueError(f"MoEWeights: {name} is {tuple(bias.shape)}, want {(e, rows)}")
+
+    @property
+    def packed(self) -> bool:
+        return self.w13_scales is not None
+
+    @property
+    def num_local(self) -> int:
+        return self.w13.shape[0]
+
+    @property
+    def inter(self) -> int:
+        return self.w13.shape[1] // 2
+
+    @property
+    def hidden(self) -> int:
+        return self.w2.shape[1]
