@@ -46,14 +46,15 @@ class MoEWeights:
                         f"[..., G], got scales {tuple(scales.shape)}"
                     )
                 for t in (blocks, scales):
-                    if t.dtype != torch.uint8 or t.stride(-1) != 1 or (t.dim() == 4 and t.stride(-2) != 16):
+                    # NOTE: the Triton kernels derive every stride from the shapes.
+                    if t.dtype != torch.uint8 or not t.is_contiguous():
                         raise ValueError(
-                            f"MoEWeights: {name} blocks and scales must be uint8 with packed rows "
+                            f"MoEWeights: {name} blocks and scales must be contiguous uint8 "
                             f"(got {t.dtype}, strides {t.stride()})"
                         )
         for name, bias, rows in (("w13_bias", self.w13_bias, two_inter), ("w2_bias", self.w2_bias, hidden)):
-            if bias is not None and tuple(bias.shape) != (e, rows):
-                raise ValueError(f"MoEWeights: {name} is {tuple(bias.shape)}, want {(e, rows)}")
+            if bias is not None and (tuple(bias.shape) != (e, rows) or not bias.is_contiguous()):
+                raise ValueError(f"MoEWeights: {name} is {tuple(bias.shape)}, want a contiguous {(e, rows)}")
 
     @property
     def packed(self) -> bool:

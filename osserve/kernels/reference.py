@@ -79,15 +79,14 @@ def rope_write_kv(
     k: torch.Tensor,
     v: torch.Tensor,
     positions: torch.Tensor,
-    inv_freq: torch.Tensor,
-    scaling: float,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    rope_tables: tuple[torch.Tensor, float],
+    kv_cache: tuple[torch.Tensor, torch.Tensor],
     slot_mapping: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """rope, then write_kv of the rotated keys and the values; returns the rotated (q, k)."""
-    q, k = rope(q, k, positions, inv_freq, scaling)
-    write_kv(k, v, k_cache, v_cache, slot_mapping)
+    """rope with rope_tables = (inv_freq, scaling), then write_kv of the rotated keys and the values into
+    kv_cache = (k_cache, v_cache); returns the rotated (q, k)."""
+    q, k = rope(q, k, positions, *rope_tables)
+    write_kv(k, v, *kv_cache, slot_mapping)
     return q, k
 
 

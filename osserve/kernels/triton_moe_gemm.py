@@ -31,7 +31,7 @@ import triton.language as tl
 
 from osserve.kernels.moe_weights import MoEWeights
 from osserve.kernels.triton_common import dot_f32, interpreting
-from osserve.kernels.triton_moe_gemv import _swiglu
+from osserve.kernels.triton_moe_gemv import _strides, _swiglu
 from osserve.kernels.triton_moe_pairs import align_pairs, combine_pairs
 from osserve.kernels.triton_mxfp4 import _dequant_mxfp4, _e2m1_pair, _scale_factor, experts_stage, use_asm
 
@@ -140,14 +140,7 @@ def _moe_gemm_kernel(
     w_ptr,
     s_ptr,
     b_ptr,
-    stride_we,
-    stride_wn,
-    stride_se,
-    stride_sn,
-    stride_be,
     out_ptr,
-    stride_a,
-    stride_o,
     KG,
     N,
     num_pairs,
@@ -167,6 +160,7 @@ def _moe_gemm_kernel(
     ASM: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
+    stride_a, stride_o, stride_wn, stride_sn = _strides(KG, N, STAGE)
     if pid_m * BLOCK_M < tl.load(num_padded_ptr):
         e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
         pairs = tl.load(slot_pair_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
@@ -182,11 +176,11 @@ def _moe_gemm_kernel(
         else:
             acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         if WORD:
-            # NOTE: packed rows are whole 16-byte groups (the host checks the strides), so word offsets are
-            # multiples of 4 and Triton issues 16-byte loads.
-            w_off = e * (stride_we // 4) + rows.to(tl.int64) * (stride_wn // 4)
+            # NOTE: packed rows are whole 16-byte groups, so word offsets are multiples of 4 and Triton
+            # issues 16-byte loads.
+            w_off = e * (N * stride_wn // 4) + rows.to(tl.int64) * (stride_wn // 4)
             words = w_ptr.to(tl.pointer_type(tl.uint32)) + tl.multiple_of(w_off, 4)
-            s_rows = s_ptr + e * stride_se + rows.to(tl.int64) * stride_sn
+            s_rows = s_ptr + e * (N * stride_sn) + rows.to(tl.int64) * stride_sn
             for kg0 in range(0, KG, BLOCK_K // 32):
                 a_perm: tl.constexpr = (
                     PERM and STAGE == 2
@@ -207,8 +201,8 @@ def _moe_gemm_kernel(
                     ASM,
                 )
         else:
-            w_e = w_ptr + e * stride_we
-            s_e = s_ptr + e * stride_se
+            w_e = w_ptr + e * (N * stride_wn)
+            s_e = s_ptr + e * (N * stride_sn)
             for k0 in range(0, KG * 32, BLOCK_K):
                 kk = k0 + tl.arange(0, BLOCK_K)
                 a = tl.load(
@@ -238,7 +232,7 @@ def _moe_gemm_kernel(
             acc = tl.trans(acc)
         if STAGE == 1:
             if HAS_BIAS:
-                acc += tl.load(b_ptr + e * stride_be + rows, mask=rmask, other=0.0).to(tl.float32)[None, :]
+                acc += tl.load(b_ptr + e * N + rows, mask=rmask, other=0.0).to(tl.float32)[None, :]
             # Rows 2c (gate) and 2c + 1 (linear) of the interleaved w13 give output column c.
             gate, lin = tl.split(tl.reshape(acc, [BLOCK_M, BLOCK_N // 2, 2]))
             cols = tl.program_id(1) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
@@ -265,10 +259,6 @@ def gemm_launch(
     num_tokens, top_k = topk_ids.shape
     num_pairs = num_tokens * top_k
     word = bool(cfg.get("WORD", False))
-    if word:
-        for t in (experts.w13, experts.w2):
-            if t.stride(0) % 16 or t.stride(1) % 16:
-                raise ValueError(f"moe gemm (word decode): packed rows must start on 16 bytes ({t.stride()})")
     # NOTE: the interpreter has no tl.dot_scaled; there the explicit decode always runs.
     scaled = (
         bool(cfg.get("DOT_SCALED", False)) and not word and not interpreting() and x.dtype == torch.bfloat16
@@ -286,8 +276,6 @@ def gemm_launch(
             lay.num_padded,
             *weights,
             dst,
-            a.stride(0),
-            dst.stride(0),
             k_groups,
             n,
             *routing,

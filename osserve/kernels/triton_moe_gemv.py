@@ -29,6 +29,15 @@ def _swiglu(gate, lin, limit, alpha):
 
 
 @triton.jit
+def _strides(KG, N, STAGE: tl.constexpr):
+    """Row strides of a stage's activations in / out and of the packed weights and scales (every MoE tensor
+    is contiguous: MoEWeights and the launchers check it): (stride_a, stride_o, stride_wn, stride_sn)."""
+    if STAGE == 1:
+        return KG * 32, N // 2, KG * 16, KG
+    return KG * 32, N, KG * 16, KG
+
+
+@triton.jit
 def _load_words(w_rows, s_rows, rmask, kg0, KG, W: tl.constexpr, G: tl.constexpr):
     """Packed words [J, R, W] (8 codes each) and scale bytes [J, R, G] of groups kg0 .. kg0 + G."""
     wk = kg0 * 4 + tl.arange(0, W)
@@ -94,17 +103,9 @@ def _moe_gemv_kernel(
     w_ptr,
     s_ptr,
     b_ptr,
-    stride_we,
-    stride_wn,
-    stride_se,
-    stride_sn,
-    stride_be,
     out_ptr,
-    stride_a,
-    stride_o,
     KG,
     N,
-    num_pairs,
     top_k,
     limit,
     alpha,
@@ -123,6 +124,7 @@ def _moe_gemv_kernel(
     STAGE 2 (J = top-k padded): program (token, tile) writes out = sum_j w_j (act_j W2_j^T + b2_j)."""
     W: tl.constexpr = BLOCK_K // 8
     G: tl.constexpr = BLOCK_K // 32
+    stride_a, stride_o, stride_wn, stride_sn = _strides(KG, N, STAGE)
     pid = tl.program_id(0)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < N
@@ -139,11 +141,11 @@ def _moe_gemv_kernel(
     live = jmask & (e >= 0) & (e < num_local)
     e64 = tl.where(live, e, 0).to(tl.int64)
     rmask = live[:, None] & nmask[None, :]
-    # NOTE: packed rows are whole 16-byte groups, so row and expert offsets in words are multiples of 4
-    # (the host checks the strides); with it Triton issues 16-byte loads.
-    w_off = e64[:, None] * (stride_we // 4) + n.to(tl.int64)[None, :] * (stride_wn // 4)
+    # NOTE: packed rows are whole 16-byte groups, so row and expert offsets in words are multiples of 4;
+    # with it Triton issues 16-byte loads.
+    w_off = e64[:, None] * (N * stride_wn // 4) + n.to(tl.int64)[None, :] * (stride_wn // 4)
     w_rows = w_ptr.to(tl.pointer_type(tl.uint32)) + tl.multiple_of(w_off, [4, 4])
-    s_rows = s_ptr + e64[:, None] * stride_se + n.to(tl.int64)[None, :] * stride_sn
+    s_rows = s_ptr + e64[:, None] * (N * stride_sn) + n.to(tl.int64)[None, :] * stride_sn
     acc = tl.zeros([J, BLOCK_N, G], tl.float32)
     if tl.max(live.to(tl.int32), 0) > 0:
         if PREFETCH:
@@ -157,7 +159,7 @@ def _moe_gemv_kernel(
             acc += _gemv_dot(t_cur, sc_cur, a_rows, live, kg0, KG, J, BLOCK_N, W, G, PERM and STAGE == 2, ASM)
     h = tl.sum(acc, 2)
     if HAS_BIAS:
-        h += tl.load(b_ptr + e64[:, None] * stride_be + n[None, :], mask=rmask, other=0.0).to(tl.float32)
+        h += tl.load(b_ptr + e64[:, None] * N + n[None, :], mask=rmask, other=0.0).to(tl.float32)
     if STAGE == 1:
         # Rows 2c (gate) and 2c + 1 (linear) of the interleaved w13 give output column c.
         gate, lin = tl.split(tl.reshape(h, [BLOCK_N // 2, 2]))
@@ -187,11 +189,8 @@ def gemv_launch(x: torch.Tensor, topk_weights, topk_ids, experts: MoEWeights, cf
     # PERM: code-index-major fp32 rows, which stage 2 loads as 16-byte vectors with no conversion.
     act = torch.empty((num_pairs, experts.inter), dtype=torch.float32 if perm else x.dtype, device=x.device)
     out = torch.empty((num_tokens, experts.hidden), dtype=x.dtype, device=x.device)
-    for t in (experts.w13, experts.w2):
-        if t.stride(0) % 16 or t.stride(1) % 16:
-            raise ValueError(f"moe gemv: packed rows must start on 16 bytes (strides {t.stride()})")
     ids, topw = topk_ids.reshape(-1), topk_weights.reshape(-1)
-    routing = (num_pairs, top_k, float(experts.swiglu_limit), float(experts.swiglu_alpha))
+    swiglu = (float(experts.swiglu_limit), float(experts.swiglu_alpha))
     common = dict(
         BLOCK_K=cfg["BLOCK_K"],
         PREFETCH=cfg.get("PREFETCH", True),
@@ -219,11 +218,10 @@ def gemv_launch(x: torch.Tensor, topk_weights, topk_ids, experts: MoEWeights, cf
             topw,
             *weights,
             dst,
-            a.stride(0),
-            dst.stride(0),
             k_groups,
             n,
-            *routing,
+            top_k,
+            *swiglu,
             experts.expert_offset,
             experts.num_local,
             STAGE=stage,

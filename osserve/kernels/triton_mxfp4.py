@@ -138,24 +138,18 @@ def use_asm(cfg: dict) -> bool:
 
 
 def experts_stage(experts: MoEWeights, stage: int, dummy: torch.Tensor) -> tuple[tuple, int, int, bool]:
-    """The packed weights of projection `stage` (1: w13, 2: w2) as every MoE kernel takes them:
-    ((blocks, scales, bias or `dummy`, stride_we, stride_wn, stride_se, stride_sn, stride_be), K / 32, N,
-    whether there is a bias)."""
+    """The packed weights of projection `stage` (1: w13, 2: w2) as every MoE kernel takes them (contiguous, so
+    the kernels derive the strides): ((blocks, scales, bias or `dummy`), K / 32, N, whether there is a bias)."""
     if stage == 1:
         blocks, scales, bias = experts.w13, experts.w13_scales, experts.w13_bias
     else:
         blocks, scales, bias = experts.w2, experts.w2_scales, experts.w2_bias
-    args = (
-        blocks,
-        scales,
-        dummy if bias is None else bias,
-        blocks.stride(0),
-        blocks.stride(1),
-        scales.stride(0),
-        scales.stride(1),
-        0 if bias is None else bias.stride(0),
+    return (
+        (blocks, scales, dummy if bias is None else bias),
+        blocks.shape[2],
+        blocks.shape[1],
+        bias is not None,
     )
-    return args, blocks.shape[2], blocks.shape[1], bias is not None
 
 
 # ---------------------------------------------------------------------------------------------------------
