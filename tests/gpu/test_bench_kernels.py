@@ -88,3 +88,16 @@ def test_moe_crossovers():
     assert table["moe_grouped"]["h-e32"]["MIN_PAIRS"] == 16384
     table = bench.best_configs(results[:-4] + [res("grouped", 32768, 7000)])
     assert table["moe_grouped"]["h-e32"]["MIN_PAIRS"] == 1 << 31  # never
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not INTERPRET, reason="checks the script under the interpreter; on a GPU run it directly")
+def test_step_profile_smoke():
+    """The step profile's code paths on the tiny preset (CPU op times stand in for kernel times)."""
+    from osserve.bench import kernel_profile
+
+    res = kernel_profile.profile(["tiny"], {"bytes_per_s": 1e12, "flops": 1e14}, lambda _: None, device="cpu")
+    assert set(res) == {"tiny decode b1", "tiny decode b5", "tiny prefill 2x9"}
+    for case in res.values():
+        assert case["step_ms"] > 0 and case["kernels"], case
+        assert sum(f["share"] for f in case["families"].values()) == pytest.approx(1.0)
