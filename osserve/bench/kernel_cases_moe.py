@@ -92,21 +92,25 @@ def moe_cases(s: Setup) -> list[Case]:
         s,
         quick=6,
     )
-    # The byte-decode configurations the first kernel ran with (runs 1-6: small / mid / large buckets).
+    # The byte-decode configurations the first kernel ran with in these buckets (runs 1-6: "small" below 24
+    # pairs per expert, "mid" to 96), second in each list so --quick compares them too.
     byte_small = {"WORD": False, "SWAP": False, "BLOCK_N": 128, "BLOCK_K": 128}
     byte_mid = {"WORD": False, "SWAP": True, "BLOCK_N": 128, "BLOCK_K": 128}
-    word = [
-        byte_small,
-        {"DEQUANT_ASM": True},
-        {"BLOCK_N": 128, "num_warps": 8},
-        {"BLOCK_K": 128},
-        {"num_stages": 2},
-        {"PERM": False},
-        {"SWAP": False},
-        {"num_stages": 4},
-        byte_mid,
-        {"WORD": False, "DOT_SCALED": True, "BLOCK_K": 128},
-    ]
+
+    def word(first_kernel: dict) -> list[dict]:
+        return [
+            first_kernel,
+            {"DEQUANT_ASM": True},
+            {"BLOCK_N": 128, "num_warps": 8},
+            {"BLOCK_K": 128},
+            {"num_stages": 2},
+            {"PERM": False},
+            {"SWAP": False},
+            {"num_stages": 4},
+            byte_mid if first_kernel is byte_small else byte_small,
+            {"WORD": False, "DOT_SCALED": True, "BLOCK_K": 128},
+        ]
+
     # Run 1 (H100): DOT_SCALED and SWAP lost by 1.6x at 8192 tokens; BLOCK_M 256 halves the decode work
     # per MMA (each weight tile is decoded once per BLOCK_M pairs).
     large = [
@@ -121,9 +125,9 @@ def moe_cases(s: Setup) -> list[Case]:
         {"num_warps": 4},
         {"DEQUANT_ASM": True},
     ]
+    changes = {"m16": word(byte_small), "m32": word(byte_small), "m64": word(byte_mid), "m128": large}
     by_bucket = {
-        b: _variants(tm._INTERPRET_GEMM if cpu else tm.gemm_default(b), large if b == "m128" else word, s)
-        for b, _ in tm.GEMM_BUCKETS
+        b: _variants(tm._INTERPRET_GEMM if cpu else tm.gemm_default(b), changes[b], s) for b in changes
     }
     grouped = _variants(
         tm._INTERPRET_GROUPED if cpu else tm.GROUPED_DEFAULT,

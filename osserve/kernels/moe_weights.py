@@ -1,4 +1,5 @@
-"""The experts of one MoE layer as one object: what every MoE op (the PyTorch twins and the Triton paths) takes.
+"""The experts of one MoE layer as one object (what every MoE op, twin or Triton, takes), and the layout of
+(token, expert) pairs in expert order that the GEMM paths work on.
 
 Rows are outputs, as in the checkpoint: w13 interleaves gate (even rows) and linear (odd rows), so the clamped
 SwiGLU is an epilogue over row pairs. Packed experts hold MXFP4 blocks `[E, rows, cols / 32, 16]` (uint8, low
@@ -71,3 +72,18 @@ class MoEWeights:
     @property
     def hidden(self) -> int:
         return self.w2.shape[1]
+
+
+@dataclass(frozen=True)
+class PairLayout:
+    """(token, expert) pairs in expert order: each local expert's pairs in token order in consecutive slots,
+    every expert's run padded to a multiple of block_m; all int32 (triton_moe_pairs.align_pairs, twin
+    reference.align_pairs)."""
+
+    slot_pair: torch.Tensor  # [max_blocks * block_m]: slot -> pair index (num_pairs: empty slot)
+    pair_slot: torch.Tensor  # [pairs]: pair -> slot (pairs of experts not held here: unset; the twin: -1)
+    block_expert: torch.Tensor  # [max_blocks]: block -> local expert (num_local: past the end)
+    expert_end: torch.Tensor  # [num_local]: end slot of each expert's (padded) run
+    num_padded: torch.Tensor  # [1]: slots in use, a multiple of block_m
+    block_m: int
+    max_blocks: int  # cdiv(pairs, block_m) + min(pairs, num_local): bounds the padded total

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 
 from osserve.engine.batch import AttentionMetadata
-from osserve.kernels.moe_weights import MoEWeights
+from osserve.kernels.moe_weights import MoEWeights, PairLayout
 
 # E2M1 code -> value; bit 3 is the sign.
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
@@ -191,6 +191,59 @@ def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.
     """Top-k experts per token, softmax over the selected logits. Returns (weights [T, k], ids [T, k])."""
     values, ids = torch.topk(router_logits, top_k, dim=-1)
     return torch.softmax(values, dim=-1, dtype=values.dtype), ids
+
+
+def align_pairs(topk_ids: torch.Tensor, expert_offset: int, num_local: int, block_m: int) -> PairLayout:
+    """(token, expert) pairs in expert order (see PairLayout); pairs of experts not held here are left out."""
+    ids = topk_ids.reshape(-1)
+    num_pairs, dev = ids.numel(), ids.device
+    local = ids - expert_offset
+    key = torch.where((local >= 0) & (local < num_local), local, num_local)
+    order = torch.sort(key, stable=True).indices
+    counts = torch.bincount(key, minlength=num_local + 1)[:num_local]
+    padded = -(-counts // block_m) * block_m
+    ends = padded.cumsum(0)
+    max_blocks = -(-num_pairs // block_m) + min(num_pairs, num_local)
+    # Slot of the i-th pair in expert order: its expert's padded start + its rank among that expert's pairs.
+    e = key[order]
+    held = e < num_local
+    e_held = e.clamp(max=max(num_local - 1, 0))
+    rank = torch.arange(num_pairs, device=dev) - (counts.cumsum(0) - counts)[e_held]
+    slot = ((ends - padded)[e_held] + rank)[held]
+    slot_pair = torch.full((max_blocks * block_m,), num_pairs, dtype=torch.int32, device=dev)
+    slot_pair[slot] = order[held].to(torch.int32)
+    pair_slot = torch.full((num_pairs,), -1, dtype=torch.int32, device=dev)
+    pair_slot[order[held]] = slot.to(torch.int32)
+    starts = torch.arange(max_blocks, device=dev)[:, None] * block_m
+    return PairLayout(
+        slot_pair=slot_pair,
+        pair_slot=pair_slot,
+        block_expert=(ends[None, :] <= starts).sum(1).to(torch.int32),
+        expert_end=ends.to(torch.int32),
+        num_padded=padded.sum().reshape(1).to(torch.int32),
+        block_m=block_m,
+        max_blocks=max_blocks,
+    )
+
+
+def combine_pairs(
+    y: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    experts: MoEWeights,
+    pair_slot: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """out[t] = sum over t's top-k pairs p held here of (y[row p] + b2[e_p]) * w_p, where row p is p itself or,
+    with `pair_slot`, its slot in expert order; summed in float32, k in order."""
+    num_tokens, top_k = topk_ids.shape
+    local = topk_ids.reshape(-1) - experts.expert_offset
+    held = (local >= 0) & (local < experts.num_local)
+    rows = torch.arange(num_tokens * top_k, device=y.device) if pair_slot is None else pair_slot.long()
+    v = y[torch.where(held, rows, 0)].float()
+    if experts.w2_bias is not None:
+        v = v + experts.w2_bias[torch.where(held, local, 0)].float()
+    v = torch.where(held[:, None], v * topk_weights.reshape(-1, 1).float(), 0.0)
+    return v.view(num_tokens, top_k, -1).sum(1).to(y.dtype)
 
 
 def _moe(

@@ -49,9 +49,10 @@ GEMV_DEFAULT = {
     "num_stages": 1,
 }
 # gemm buckets by the average pairs per local expert: BLOCK_M covers an expert's pairs in one block (the
-# weights then stream once) up to m128. The word decode is the default where decoding bounds the kernel
-# (few pairs per weight value); m128 keeps the byte-decode configuration measured in runs 1-6.
-GEMM_BUCKETS = (("m16", 6), ("m32", 16), ("m64", 40), ("m128", None))
+# weights then stream once) up to m64. The word decode is the default where decoding bounds the kernel
+# (few pairs per weight value); m128 (>= 96 pairs per expert) keeps the byte-decode configuration the
+# first kernel ran there ("large", runs 1-6), and m64 the block shape of its "mid" (24-96).
+GEMM_BUCKETS = (("m16", 6), ("m32", 20), ("m64", 96), ("m128", None))
 GEMM_DEFAULTS = {
     "m16": {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "SWAP": True, "WORD": True, "PERM": True},
     "m32": {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 256, "SWAP": True, "WORD": True, "PERM": True},

@@ -294,6 +294,4 @@ def gemm_launch(
             num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
         )
-    return combine_pairs(
-        y, topk_weights, topk_ids, experts, None, min(1024, triton.next_power_of_2(experts.hidden))
-    )
+    return combine_pairs(y, topk_weights, topk_ids, experts)

@@ -9,19 +9,17 @@ tile): no atomics, so the order and everything computed from it is the same on e
 shapes only (CUDA-graph safe): `max_blocks = cdiv(pairs, BLOCK_M) + min(pairs, experts)` bounds the padded
 total; slots past it hold the sentinel `num_pairs`, blocks past it the expert id `num_local`.
 `combine_pairs` sums each token's top-k rows of the second projection (+ bias, x routing weight) in a fixed
-order, skipping experts not held here. Both are parts of the MoE op (twin: reference.moe_mxfp4); the
-permutation's invariants are tested on their own in tests/gpu/test_moe.py.
+order, skipping experts not held here. Twins: reference.align_pairs, reference.combine_pairs (the Triton
+align leaves the pair -> slot entries of pairs not held here unset).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from osserve.kernels.moe_weights import MoEWeights
+from osserve.kernels.moe_weights import MoEWeights, PairLayout
 from osserve.kernels.triton_common import interpreting, next_pow2
 
 
@@ -95,20 +93,8 @@ def _moe_align_kernel(
         cursor += tl.sum(onehot, 0)
 
 
-@dataclass(frozen=True)
-class PairLayout:
-    """Pairs in expert order (see the module docstring); all int32 on the device."""
-
-    slot_pair: torch.Tensor  # [max_blocks * block_m]: slot -> pair index (num_pairs: empty slot)
-    pair_slot: torch.Tensor  # [pairs]: pair -> slot (pairs of experts not held here: unset)
-    block_expert: torch.Tensor  # [max_blocks]: block -> local expert (num_local: past the end)
-    expert_end: torch.Tensor  # [num_local]: end slot of each expert's (padded) run
-    num_padded: torch.Tensor  # [1]: slots in use, a multiple of block_m
-    block_m: int
-    max_blocks: int
-
-
 def align_pairs(topk_ids: torch.Tensor, expert_offset: int, num_local: int, block_m: int) -> PairLayout:
+    """(token, expert) pairs in expert order (see PairLayout and the module docstring)."""
     ids = topk_ids.reshape(-1)
     num_pairs = ids.numel()
     dev = ids.device
@@ -192,14 +178,15 @@ def combine_pairs(
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     experts: MoEWeights,
-    pair_slot: torch.Tensor | None,
-    block: int,
+    pair_slot: torch.Tensor | None = None,
+    block: int = 1024,
 ) -> torch.Tensor:
     """out[t] = sum over t's top-k pairs p held here of (y[row p] + b2[e_p]) * w_p, where row p is p itself
     or, with `pair_slot`, its slot in expert order."""
     num_tokens, top_k = topk_ids.shape
     out = torch.empty((num_tokens, experts.hidden), dtype=y.dtype, device=y.device)
     bias = experts.w2_bias
+    block = min(block, next_pow2(experts.hidden))
     _moe_combine_kernel[(num_tokens, triton.cdiv(experts.hidden, block))](
         y,
         topk_ids if pair_slot is None else pair_slot,

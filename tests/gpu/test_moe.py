@@ -197,10 +197,10 @@ def test_moe_cuda_graph_replay(device, mode):
 
 @pytest.mark.parametrize("block_m", [1, 16])
 @pytest.mark.parametrize("num_tokens", [13, 150])
-def test_align_pairs_groups_every_local_pair_once(device, block_m, num_tokens):
-    """Each local pair in exactly one slot, each expert's pairs in token order in one padded run, blocks of
-    one expert, sentinels everywhere else; the same result on a second run (no atomics). 150 tokens spread
-    the pairs over several programs."""
+def test_align_pairs(device, block_m, num_tokens):
+    """The Triton permutation equals its twin (both deterministic), and the twin keeps the layout's promises:
+    each local pair in one slot, each expert's pairs in token order in one padded run, blocks of one expert,
+    sentinels everywhere else. 150 tokens spread the pairs over several programs."""
     h, i, e, k = SHAPES[0]
     inp = moe_inputs(
         num_tokens, h, i, e, k, torch.bfloat16, device, seed=3, num_local=5, expert_offset=1, skew=2
@@ -208,11 +208,14 @@ def test_align_pairs_groups_every_local_pair_once(device, block_m, num_tokens):
     ids = inp.topk_ids.reshape(-1).cpu()
     num_pairs, num_local = ids.numel(), 5
     lay = triton_moe_pairs.align_pairs(inp.topk_ids, 1, num_local, block_m)
-    again = triton_moe_pairs.align_pairs(inp.topk_ids, 1, num_local, block_m)
-    assert torch.equal(lay.slot_pair, again.slot_pair) and torch.equal(lay.block_expert, again.block_expert)
-    sp, be, ends = lay.slot_pair.cpu(), lay.block_expert.cpu(), lay.expert_end.cpu()
-    total = int(lay.num_padded)
-    assert total % block_m == 0 and total <= lay.max_blocks * block_m == sp.numel()
+    ref = reference.align_pairs(inp.topk_ids, 1, num_local, block_m)
+    held = ((ids - 1 >= 0) & (ids - 1 < num_local)).to(device)
+    for name in ("slot_pair", "block_expert", "expert_end", "num_padded"):
+        assert torch.equal(getattr(lay, name), getattr(ref, name)), name
+    assert torch.equal(lay.pair_slot[held], ref.pair_slot[held]) and (ref.pair_slot[~held] == -1).all()
+    sp, be, ends = ref.slot_pair.cpu(), ref.block_expert.cpu(), ref.expert_end.cpu()
+    total = int(ref.num_padded)
+    assert total % block_m == 0 and total <= ref.max_blocks * block_m == sp.numel()
     assert total == int(ends[-1]) and (sp[total:] == num_pairs).all()
     start = 0
     for x in range(num_local):
@@ -224,6 +227,24 @@ def test_align_pairs_groups_every_local_pair_once(device, block_m, num_tokens):
         assert (be[start // block_m : int(ends[x]) // block_m] == x).all()
         start = int(ends[x])
     assert (be[total // block_m :] == num_local).all()
-    slots = lay.pair_slot.cpu()
-    for p in torch.nonzero((ids - 1 >= 0) & (ids - 1 < num_local)).flatten().tolist():
+    slots = ref.pair_slot.cpu()
+    for p in torch.nonzero(held.cpu()).flatten().tolist():
         assert int(sp[int(slots[p])]) == p
+
+
+@pytest.mark.parametrize("by_slot", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_combine_pairs(device, by_slot, bias):
+    """Each token's top-k rows (directly or through the permutation), + b2, x routing weight, summed; pairs
+    of experts not held here add nothing."""
+    h, i, e, k = SHAPES[1]
+    inp = moe_inputs(9, h, i, e, k, torch.bfloat16, device, seed=5, num_local=4, expert_offset=1, bias=bias)
+    num_pairs = inp.topk_ids.numel()
+    g = torch.Generator(device=device).manual_seed(6)
+    y = torch.randn(num_pairs + 3, h, generator=g, device=device).to(torch.bfloat16)
+    slots = None
+    if by_slot:
+        slots = triton_moe_pairs.align_pairs(inp.topk_ids, 1, 4, 1).pair_slot
+    out = triton_moe_pairs.combine_pairs(y, inp.topk_weights, inp.topk_ids, inp.experts, slots, block=32)
+    ref = reference.combine_pairs(y, inp.topk_weights, inp.topk_ids, inp.experts, slots)
+    assert_close(out, ref, f"combine by_slot={by_slot}", tol=1e-2)
