@@ -72,11 +72,15 @@ def _time(fn: Callable[[], Any], reps: int) -> float:
 def ceilings() -> dict[str, float]:
     """Measured device copy rate (bytes read + written per second) and bf16 matmul rate (FLOP/s)."""
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    copy_s = min(_time(functools.partial(torch.empty_like(src).copy_, src), 20) for _ in range(3))
+    copy = functools.partial(torch.empty_like(src).copy_, src)
+    copy_s = min(_time(copy, 20) for _ in range(3))
     n = 8192
     a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    mm_s = min(_time(functools.partial(torch.matmul, a, b), 20) for _ in range(3))
-    return {"bytes_per_s": 2 * src.numel() / copy_s, "flops": 2 * n**3 / mm_s}
+    matmul = functools.partial(torch.matmul, a, b)
+    mm_s = min(_time(matmul, 20) for _ in range(3))
+    del src, copy, a, b, matmul
+    torch.cuda.empty_cache()  # NOTE: the caller may hand the GPU to a child process next
+    return {"bytes_per_s": 2 * (1 << 30) / copy_s, "flops": 2 * n**3 / mm_s}
 
 
 def step_work(cfg: Any, seqs: list[tuple[int, int]]) -> dict[str, tuple[float, float]]:
