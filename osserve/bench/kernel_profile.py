@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from osserve.bench.kernel_estimate import _time
+
 # Family of a kernel, by name (first match): Triton kernels are named after their jit functions; cuBLAS and
 # CUTLASS names vary by version, so the dense GEMM family is the catch-all of matmul-looking names.
 FAMILIES = (
@@ -49,24 +51,6 @@ PREFILL = {"20b": (16, 1024), "120b": (16, 1024), "tiny": (2, 9)}  # prompts x t
 
 def family(kernel: str) -> str:
     return next((name for name, pat in FAMILIES if re.search(pat, kernel)), "other")
-
-
-def _time(fn: Callable[[], Any], reps: int) -> float:
-    """Mean seconds per call."""
-    fn()
-    if not torch.cuda.is_available():
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        return (time.perf_counter() - t0) / reps
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / reps / 1e3
 
 
 def ceilings() -> dict[str, float]:
