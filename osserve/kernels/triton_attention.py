@@ -123,6 +123,8 @@ def _decode_kernel(
     BLOCK_SIZE: tl.constexpr,
     F32_DOT: tl.constexpr,
 ):
+    """Program (sequence, kv head, split): the sequence's one query, all q heads of the kv head, over its
+    split of the visible keys; with one split the output, else partial (acc, m, l) for the reduce."""
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -226,6 +228,22 @@ def _decode_reduce_kernel(
         )
 
 
+def _kernel_args(q, k_cache, v_cache, meta, sinks, scale, out) -> tuple[tuple, tuple, dict]:
+    """What both attention kernels take, in their order: (pointers, scalars, shared constexprs)."""
+    num_kv_heads = k_cache.shape[2]
+    pointers = (q, k_cache, v_cache, meta.block_table, meta.query_start_loc, meta.seq_lens, sinks, out)
+    window = meta.sliding_window
+    scalars = (
+        meta.block_table.stride(0),
+        scale * LOG2E,
+        window or 0,
+        num_kv_heads,
+        q.shape[1] // num_kv_heads,
+    )
+    flags = {"SLIDING": window is not None, "BLOCK_SIZE": k_cache.shape[1], "F32_DOT": dot_f32(q)}
+    return pointers, (*scalars, q.shape[2]), flags
+
+
 @functools.cache
 def _num_sms() -> int:
     return torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 4
@@ -254,30 +272,17 @@ def _decode(q, k_cache, v_cache, meta, sinks, scale, out, cfg, num_splits=None):
         part_ml = torch.empty((num_seqs, num_q_heads, splits, 2), dtype=torch.float32, device=q.device)
     else:
         part_o = part_ml = out
+    pointers, scalars, flags = _kernel_args(q, k_cache, v_cache, meta, sinks, scale, out)
     _decode_kernel[(num_seqs, num_kv_heads, splits)](
-        q,
-        k_cache,
-        v_cache,
-        meta.block_table,
-        meta.query_start_loc,
-        meta.seq_lens,
-        sinks,
-        out,
+        *pointers,
         part_o,
         part_ml,
-        meta.block_table.stride(0),
-        scale * LOG2E,
-        window or 0,
-        num_kv_heads,
-        group,
-        head_dim,
-        SLIDING=window is not None,
+        *scalars,
         NUM_SPLITS=splits,
         G=G,
         D=D,
         BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_SIZE=k_cache.shape[1],
-        F32_DOT=dot_f32(q),
+        **flags,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
@@ -329,6 +334,9 @@ def _prefill_kernel(
     BLOCK_SIZE: tl.constexpr,
     F32_DOT: tl.constexpr,
 ):
+    """Program (query tile, sequence, kv head): BLOCK_Q queries x the group's q heads as one block of rows,
+    online softmax over the keys the tile can see (from the window's start or 0 to its last query), the
+    sink in every row's denominator."""
     tile = tl.program_id(0)
     seq = tl.program_id(1)
     kvh = tl.program_id(2)
@@ -385,33 +393,19 @@ def _prefill(q, k_cache, v_cache, meta, sinks, scale, out, cfg):
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[2]
     group = num_q_heads // num_kv_heads
-    window = meta.sliding_window
     G = next_pow2(group)
     block_q = max(1, cfg["ROWS"] // G)
     block_q = max(block_q, triton.cdiv(16, G))  # tl.dot needs >= 16 rows
     grid = (triton.cdiv(meta.max_query_len, block_q), num_seqs, num_kv_heads)
+    pointers, scalars, flags = _kernel_args(q, k_cache, v_cache, meta, sinks, scale, out)
     _prefill_kernel[grid](
-        q,
-        k_cache,
-        v_cache,
-        meta.block_table,
-        meta.query_start_loc,
-        meta.seq_lens,
-        sinks,
-        out,
-        meta.block_table.stride(0),
-        scale * LOG2E,
-        window or 0,
-        num_kv_heads,
-        group,
-        head_dim,
-        SLIDING=window is not None,
+        *pointers,
+        *scalars,
         BLOCK_Q=block_q,
         G=G,
         D=max(16, next_pow2(head_dim)),
         BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_SIZE=k_cache.shape[1],
-        F32_DOT=dot_f32(q),
+        **flags,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
