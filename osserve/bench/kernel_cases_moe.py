@@ -41,9 +41,9 @@ def _token_lists(s: Setup, experts: int) -> tuple[tuple[int, ...], tuple[int, ..
     def pick(tokens, keep):
         return tuple(t for t in tokens if t in keep)
 
-    if experts > 32:
+    if experts > 32:  # 120b: gemv at 16 tokens too, beside the gemm there (the mid-size crossover)
         return (
-            pick(s.gemv_tokens, (1, 4)),
+            pick(s.gemv_tokens, (1, 4, 16)),
             pick(s.gemm_tokens, (16, 64, 1024)),
             pick(s.grouped_tokens, (1024, 4096)),
         )
