@@ -114,7 +114,9 @@ def moe_cases(s: Setup) -> list[Case]:
     # Run 1 (H100): DOT_SCALED and SWAP lost by 1.6x at 8192 tokens; BLOCK_M 256 halves the decode work
     # per MMA (each weight tile is decoded once per BLOCK_M pairs).
     large = [
-        {"WORD": True, "SWAP": True, "BLOCK_K": 256},
+        # NOTE: 8 code tiles of BLOCK_M x BLOCK_K / 8 activations per K step: with BLOCK_M 128, 3 stages of
+        # BLOCK_K 256 would not fit in shared memory.
+        {"WORD": True, "SWAP": True, "BLOCK_K": 128, "num_stages": 2},
         {"BLOCK_M": 256},
         {"BLOCK_M": 256, "BLOCK_K": 128, "num_stages": 2},
         {"BLOCK_N": 256},

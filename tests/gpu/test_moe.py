@@ -47,7 +47,7 @@ def _gemm_cfgs() -> dict[str, dict]:
         "m16-byte": dict(m16, WORD=False, SWAP=False, BLOCK_N=128, BLOCK_K=128),
         "m16-byte-scaled": dict(m16, WORD=False, DOT_SCALED=True, BLOCK_K=128),
         "m128-scaled": dict(m128, DOT_SCALED=True),
-        "m128-word-swap": dict(m128, WORD=True, SWAP=True, BLOCK_K=256, num_warps=8),
+        "m128-word-swap": dict(m128, WORD=True, SWAP=True, BLOCK_K=128, num_stages=2),
         "m16-byte-asm": dict(m16, WORD=False, DEQUANT_ASM=True, BLOCK_K=128),
     }
 
