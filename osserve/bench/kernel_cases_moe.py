@@ -108,7 +108,7 @@ def moe_cases(s: Setup) -> list[Case]:
             {"SWAP": False},
             {"num_stages": 4},
             byte_mid if first_kernel is byte_small else byte_small,
-            {"WORD": False, "DOT_SCALED": True, "BLOCK_K": 128},
+            dict(byte_small, DOT_SCALED=True),
         ]
 
     # Run 1 (H100): DOT_SCALED and SWAP lost by 1.6x at 8192 tokens; BLOCK_M 256 halves the decode work

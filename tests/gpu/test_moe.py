@@ -36,6 +36,7 @@ def _gemm_cfgs() -> dict[str, dict]:
             "byte-m32": dict(base, WORD=False, BLOCK_M=32, BLOCK_K=64),
         }
     m16, m32, m64, m128 = (triton_moe.gemm_default(b) for b in ("m16", "m32", "m64", "m128"))
+    byte_small = {"WORD": False, "SWAP": False, "BLOCK_N": 128, "BLOCK_K": 128}
     # NOTE: the benchmark checks every config it sweeps against the twin; these cover each code path once.
     return {
         "m16": m16,
@@ -44,11 +45,13 @@ def _gemm_cfgs() -> dict[str, dict]:
         "m128": m128,
         "m16-asm": dict(m16, DEQUANT_ASM=True),
         "m64-noperm-noswap": dict(m64, PERM=False, SWAP=False),
-        "m16-byte": dict(m16, WORD=False, SWAP=False, BLOCK_N=128, BLOCK_K=128),
-        "m16-byte-scaled": dict(m16, WORD=False, DOT_SCALED=True, BLOCK_K=128),
+        # The first kernel's configurations ("small", "mid"), with tl.dot_scaled and the inline-PTX decode.
+        "m16-byte": dict(m16, **byte_small),
+        "m16-byte-scaled": dict(m16, **byte_small, DOT_SCALED=True),
+        "m16-byte-asm": dict(m16, **byte_small, DEQUANT_ASM=True),
+        "m64-byte-scaled": dict(m64, WORD=False, BLOCK_N=128, BLOCK_K=128, DOT_SCALED=True),
         "m128-scaled": dict(m128, DOT_SCALED=True),
         "m128-word-swap": dict(m128, WORD=True, SWAP=True, BLOCK_K=128, num_stages=2),
-        "m16-byte-asm": dict(m16, WORD=False, DEQUANT_ASM=True, BLOCK_K=128),
     }
 
 
