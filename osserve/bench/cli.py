@@ -9,20 +9,28 @@ import sys
 from typing import Any
 
 from osserve.bench import host, offline
+from osserve.bench import kernels as kernel_bench
 from osserve.bench.metrics import METRICS, parse_goodput, parse_percentiles
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     bench = subparsers.add_parser(
         "bench",
-        help="benchmark a server (serve), plot saved results (plot), the engine (offline), its host path (host)",
+        help="benchmark a server (serve), plot saved results (plot), the engine (offline), its host path "
+        "(host), the GPU kernels (kernels)",
     )
-    sub = bench.add_subparsers(dest="bench_command", metavar="{serve,plot,offline,host}", required=True)
+    sub = bench.add_subparsers(dest="bench_command", metavar="{serve,plot,offline,host,kernels}", required=True)
     add_serve_parser(sub)
     add_plot_parser(sub)
     # NOTE: offline's run returns its figures (a dict); `osserve` exits with what func returns.
     offline.add_parser(sub).set_defaults(func=lambda args: 0 if offline.run(args) is not None else 1)
     host.add_parser(sub)
+    kernels = sub.add_parser(
+        "kernels",
+        help="Triton kernels against their twins and floors, per-kernel profiles of whole steps",
+        description=(kernel_bench.__doc__ or "").split("\n\n")[0],
+    )
+    kernel_bench.add_arguments(kernels).set_defaults(func=kernel_bench.run)
     return bench
 
 

@@ -148,43 +148,23 @@ def norm_rope_cases(s: Setup) -> list[Case]:
             )
         )
 
-        def make_rope(t=t):
+        def make_rope_kv(t=t):
             g = torch.Generator(device=dev).manual_seed(t)
             qkv = torch.randn(t, (hq + 2 * hk) * d, generator=g, device=dev).to(torch.bfloat16)
-            q = qkv[:, : hq * d].view(t, hq, d)
-            k = qkv[:, hq * d : (hq + hk) * d].view(t, hk, d)
+            q, k, v = qkv.split([hq * d, hk * d, hk * d], dim=-1)
             pos = torch.randint(0, 131072, (t,), generator=g, device=dev)
-            return q, k, pos, inv_freq, scaling
-
-        cases.append(
-            Case(
-                "rope",
-                f"d{d}",
-                f"rope T={t}",
-                make_rope,
-                lambda a, c: torch.cat([x.flatten(1) for x in triton_rope.rope(*a)], -1),
-                lambda a: torch.cat(
-                    [x.flatten(1) for x in reference.rope(a[0].float(), a[1].float(), *a[2:])], -1
-                ),
-                lambda a: 4 * a[0].shape[0] * (hq + hk) * d,
-                lambda a: 0.0,
-                [{}],
-                tol=1e-2,
-            )
-        )
-
-        def make_rope_kv(t=t):
-            q, k, pos, inv, sc = make_rope(t)
-            v = torch.randn_like(k)
             nb = t // s.block_size + 8
             cache = torch.zeros(nb, s.block_size, hk, d, device=dev, dtype=torch.bfloat16)
             slots = torch.randperm(nb * s.block_size, device=dev)[:t]
-            return q, k, v, pos, inv, sc, cache, slots
+            return q.view(t, hq, d), k.view(t, hk, d), v.view(t, hk, d), pos, cache, slots
 
-        def run_rope_kv(a, c, fn=triton_rope.rope_write_kv):
-            kc, vc = a[6].clone(), a[6].clone()
-            q, k = fn(*a[:6], kc, vc, a[7])
-            return torch.cat([q.flatten(), k.flatten(), kc.flatten(), vc.flatten()]).float()
+        def run_rope_kv(a, c, fn=triton_rope.rope_write_kv, dtype=None):
+            q, k, v, pos, cache, slots = a
+            kv = (cache.clone(), cache.clone())
+            if dtype is not None:
+                q, k = q.to(dtype), k.to(dtype)
+            q, k = fn(q, k, v, pos, (inv_freq, scaling), kv, slots)
+            return torch.cat([q.flatten(), k.flatten(), kv[0].flatten(), kv[1].flatten()]).float()
 
         cases.append(
             Case(
@@ -193,12 +173,12 @@ def norm_rope_cases(s: Setup) -> list[Case]:
                 f"rope_write_kv T={t}",
                 make_rope_kv,
                 run_rope_kv,
-                lambda a: run_rope_kv((a[0].float(), a[1].float(), *a[2:]), {}, reference.rope_write_kv),
+                lambda a: run_rope_kv(a, {}, reference.rope_write_kv, torch.float32),
                 lambda a: 4 * a[0].shape[0] * (hq + 2 * hk) * d,
                 lambda a: 0.0,
                 [{}],
                 tol=1e-2,
-                timed=lambda a, c: triton_rope.rope_write_kv(*a[:6], a[6], a[6], a[7]),
+                timed=lambda a, c: triton_rope.rope_write_kv(*a[:4], (inv_freq, scaling), (a[4], a[4]), a[5]),
             )
         )
         for experts in s.experts:
@@ -222,44 +202,6 @@ def norm_rope_cases(s: Setup) -> list[Case]:
                     tol=1e-2,
                 )
             )
-    return cases
-
-
-def write_kv_cases(s: Setup) -> list[Case]:
-    from osserve.kernels import reference
-    from osserve.kernels import triton_attention as ta
-
-    hk, d, bs, dev = s.kv_heads, s.head_dim, s.block_size, s.device
-    cases = []
-    for t in s.tokens:
-
-        def make(t=t):
-            g = torch.Generator(device=dev).manual_seed(t)
-            k = torch.randn(t, hk, d, generator=g, device=dev).to(torch.bfloat16)
-            v = torch.randn(t, hk, d, generator=g, device=dev).to(torch.bfloat16)
-            nb = t // bs + 64
-            slots = torch.randperm(nb * bs, generator=g, device=dev)[:t]
-            return k, v, torch.zeros(nb, bs, hk, d, device=dev, dtype=torch.bfloat16), slots
-
-        def run(a, c, fn=ta.write_kv):
-            kc, vc = a[2].clone(), a[2].clone()
-            fn(a[0], a[1], kc, vc, a[3])
-            return torch.cat([kc, vc])
-
-        cases.append(
-            Case(
-                "write_kv",
-                f"d{d}",
-                f"write_kv T={t}",
-                make,
-                run,
-                lambda a: run(a, {}, reference.write_kv),
-                lambda a: 4 * a[0].numel() * 2,
-                lambda a: 0.0,
-                [{}],
-                timed=lambda a, c: ta.write_kv(a[0], a[1], a[2], a[2], a[3]),
-            )
-        )
     return cases
 
 
@@ -371,10 +313,9 @@ def _moe_cases(s: Setup) -> list[Case]:
 
 SUITES: dict[str, Callable[[Setup], list[Case]]] = {
     "norm_rope": norm_rope_cases,
-    "write_kv": write_kv_cases,
     "attention": attention_cases,
     "moe": _moe_cases,
 }
 # Share of the sweep budget per suite (what a suite leaves unused passes on to the next). Past its
 # deadline a case still runs its default config, so every kernel is checked and timed once.
-BUDGET_SHARE = {"norm_rope": 0.05, "write_kv": 0.02, "attention": 0.2, "moe": 0.73}
+BUDGET_SHARE = {"norm_rope": 0.05, "attention": 0.2, "moe": 0.75}

@@ -1,5 +1,8 @@
 """MoE benchmark cases: the three regimes of triton_moe (gemv, gemm, grouped) and the dense MXFP4 dequantize.
 
+The gemm sweeps hold the first kernel's byte-decode configurations beside the word-decode defaults, so one run
+compares the old inner loop with the new one on the same cases.
+
 gemv cases (decode sizes) are also timed inside a CUDA graph, cycling through copies of the routing with the
 experts relabelled, so every replay reads other experts' weights from DRAM as a decode step does (the
 layer's weights are never L2-resident in a real step: 23 other layers run in between). The pair counts
@@ -21,12 +24,12 @@ ROTATIONS = 8
 
 def _relabelled(a, n: int = ROTATIONS) -> list:
     """a plus n - 1 copies whose expert ids are permuted (same load pattern, other weights)."""
-    num = a.w13_blocks.shape[0]
+    num, offset = a.experts.num_local, a.experts.expert_offset
     g = torch.Generator(device=a.topk_ids.device).manual_seed(1234)
     out = [a]
     for _ in range(n - 1):
         perm = torch.randperm(num, generator=g, device=a.topk_ids.device)
-        out.append(dataclasses.replace(a, topk_ids=perm[a.topk_ids - a.expert_offset] + a.expert_offset))
+        out.append(dataclasses.replace(a, topk_ids=perm[a.topk_ids - offset] + offset))
     return out
 
 
@@ -38,9 +41,9 @@ def _token_lists(s: Setup, experts: int) -> tuple[tuple[int, ...], tuple[int, ..
     def pick(tokens, keep):
         return tuple(t for t in tokens if t in keep)
 
-    if experts > 32:
+    if experts > 32:  # 120b: gemv at 16 tokens too, beside the gemm there (the mid-size crossover)
         return (
-            pick(s.gemv_tokens, (1, 4)),
+            pick(s.gemv_tokens, (1, 4, 16)),
             pick(s.gemm_tokens, (16, 64, 1024)),
             pick(s.grouped_tokens, (1024, 4096)),
         )
@@ -63,15 +66,14 @@ def moe_cases(s: Setup) -> list[Case]:
     cpu = s.device == "cpu"
 
     def expert_bytes(a):
-        held = torch.unique(a.topk_ids).numel()
+        held = torch.unique(a.topk_ids).numel()  # every routed expert is held here (no expert offset)
         per_expert = (2 * i * h + h * i) * (1 / 2 + 1 / 32) + (2 * i + h) * 4
         return held * per_expert + a.x.numel() * 2 * 2
 
     def flops(a):
         return 2 * a.topk_ids.numel() * (2 * i * h + h * i)
 
-    # v2 variants first (BLOCK_N 64: 4 rows per thread share the activations, 122 registers; BLOCK_K 512:
-    # twice the bytes per step), then the first kernels (VERSION 1) for comparison.
+    # BLOCK_N 64: 4 rows per thread share the activations, 122 registers; BLOCK_K 512: twice the bytes per step.
     gemv = _variants(
         tm._INTERPRET_GEMV if cpu else tm.GEMV_DEFAULT,
         [
@@ -81,21 +83,40 @@ def moe_cases(s: Setup) -> list[Case]:
             {"PREFETCH": False},
             {"DEQUANT_ASM": False},
             {"PERM": False},
-            tm.GEMV_V1,
-            dict(tm.GEMV_V1, DEQUANT_ASM=True),
             {"num_warps": 8, "BLOCK_N": 64, "DOWN_BLOCK_N": 8},
             {"BLOCK_N": 16},
             {"BLOCK_K": 128},
             {"DOWN_BLOCK_N": 2},
             {"num_warps": 2, "BLOCK_N": 16, "DOWN_BLOCK_N": 2},
-            dict(tm.GEMV_V1, BLOCK_N=64),
         ],
         s,
-        quick=10,
+        quick=6,
     )
+    # The byte-decode configurations the first kernel ran with in these buckets (runs 1-6: "small" below 24
+    # pairs per expert, "mid" to 96), second in each list so --quick compares them too.
+    byte_small = {"WORD": False, "SWAP": False, "BLOCK_N": 128, "BLOCK_K": 128}
+    byte_mid = {"WORD": False, "SWAP": True, "BLOCK_N": 128, "BLOCK_K": 128}
+
+    def word(first_kernel: dict) -> list[dict]:
+        return [
+            first_kernel,
+            {"DEQUANT_ASM": True},
+            {"BLOCK_N": 128, "num_warps": 8},
+            {"BLOCK_K": 128},
+            {"num_stages": 2},
+            {"PERM": False},
+            {"SWAP": False},
+            {"num_stages": 4},
+            byte_mid if first_kernel is byte_small else byte_small,
+            dict(byte_small, DOT_SCALED=True),
+        ]
+
     # Run 1 (H100): DOT_SCALED and SWAP lost by 1.6x at 8192 tokens; BLOCK_M 256 halves the decode work
     # per MMA (each weight tile is decoded once per BLOCK_M pairs).
     large = [
+        # NOTE: 8 code tiles of BLOCK_M x BLOCK_K / 8 activations per K step: with BLOCK_M 128, 3 stages of
+        # BLOCK_K 256 would not fit in shared memory.
+        {"WORD": True, "SWAP": True, "BLOCK_K": 128, "num_stages": 2},
         {"BLOCK_M": 256},
         {"BLOCK_M": 256, "BLOCK_K": 128, "num_stages": 2},
         {"BLOCK_N": 256},
@@ -106,33 +127,9 @@ def moe_cases(s: Setup) -> list[Case]:
         {"num_warps": 4},
         {"DEQUANT_ASM": True},
     ]
-    # NOTE: BLOCK_N 256 spills in stage 1 with 4 warps (ptxas, sm_90a); it is not in the list.
-    mid = [
-        {"num_warps": 8},
-        {"SWAP": False},
-        {"BLOCK_K": 64},
-        {"BLOCK_M": 128, "SWAP": False, "num_warps": 8},
-        {"DOT_SCALED": True},
-        {"num_stages": 2},
-        {"DEQUANT_ASM": True},
-    ]
+    changes = {"m16": word(byte_small), "m32": word(byte_small), "m64": word(byte_mid), "m128": large}
     by_bucket = {
-        "small": _variants(
-            tm._INTERPRET_GEMM if cpu else tm.GEMM_SMALL_DEFAULT,
-            [
-                {"SWAP": True},
-                {"BLOCK_N": 64},
-                {"num_warps": 8},
-                {"DOT_SCALED": True},
-                {"BLOCK_K": 64},
-                {"num_stages": 2},
-                {"num_stages": 4},
-                {"DEQUANT_ASM": True},
-            ],
-            s,
-        ),
-        "mid": _variants(tm._INTERPRET_GEMM if cpu else tm.GEMM_MID_DEFAULT, mid, s),
-        "large": _variants(tm._INTERPRET_GEMM if cpu else tm.GEMM_LARGE_DEFAULT, large, s),
+        b: _variants(tm._INTERPRET_GEMM if cpu else tm.gemm_default(b), changes[b], s) for b in changes
     }
     grouped = _variants(
         tm._INTERPRET_GROUPED if cpu else tm.GROUPED_DEFAULT,
@@ -171,8 +168,7 @@ def moe_cases(s: Setup) -> list[Case]:
                 )
             )
         for t in gemm_t:
-            per_expert = 4 * t / experts
-            bucket = "small" if per_expert < 24 else "mid" if per_expert < 96 else "large"
+            bucket = tm.gemm_bucket(4 * t, experts)
             cases.append(
                 Case(
                     "moe_gemm",

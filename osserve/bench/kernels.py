@@ -1,15 +1,19 @@
 """Kernel micro-benchmark: every Triton kernel against its PyTorch twin and its floor, on one GPU.
 
-    python -m osserve.bench.kernels [--quick] [--out DIR] [--only attention,moe,...] [--budget-s 240]
+    osserve bench kernels [--quick] [--out DIR] [--only attention,moe,...] [--budget-s 240]
+    osserve bench kernels --only profile [--models 20b,120b] --out DIR   # per-kernel share of whole steps
 
 For each case (gpt-oss shapes) it builds fresh random inputs, checks each candidate config against the
 reference twin, times it with triton.testing.do_bench (median, L2 flushed between runs) and, when a call is
 short (decode sizes), also inside a CUDA graph: N calls captured, replayed, time / N. That is the kernel time
 the engine's decode graphs see; eager timings of small cases mostly measure Python launch overhead. It
-prints achieved GB/s or TFLOP/s (from the graph time where there is one) against the measured H100
-ceilings (3.0 TB/s copy, ~790 TFLOP/s dense bf16). A failing kernel or config is reported and skipped. The fastest config per tuning key goes to DIR/best_configs.json
+prints achieved GB/s or TFLOP/s (from the graph time where there is one) against this GPU's ceilings,
+measured first (device copy, bf16 matmul: bench/kernel_profile.py). A failing kernel or config is reported
+and skipped. The fastest config per tuning key goes to DIR/best_configs.json
 (install with OSSERVE_TRITON_CONFIGS=DIR/best_configs.json); everything goes to DIR/kernels.json. Last,
 it times whole forwards of a random-weight gpt-oss with the tuned configs (bench/kernel_estimate.py).
+`--only profile` breaks whole decode and prefill steps of gpt-oss-20b / 120b down by kernel family, each
+family's achieved rate as a percentage of the ceilings (bench/kernel_profile.py).
 `--smoke` runs tiny shapes on the CPU under the Triton interpreter, to check this script itself.
 """
 
@@ -32,8 +36,10 @@ import torch
 
 from osserve.bench.kernel_cases import BUDGET_SHARE, SMOKE, SUITES, Case, Setup
 
-PEAK_BW = 3.0e12  # measured device-to-device copy on the H100 (shared/reference/README.md)
-PEAK_FLOPS = 790e12  # dense bf16 tensor cores, H100 SXM
+# Ceilings for %floor; on a GPU `main` replaces them with the ones it measures (kernel_profile.ceilings).
+PEAK_BW = 3.0e12  # device-to-device copy measured on the H100 (shared/reference/README.md)
+PEAK_FLOPS = 790e12  # dense bf16 matmul, H100 SXM
+PARTS = ("estimate", "profile")  # --only items besides the suites
 
 
 @dataclass
@@ -283,15 +289,15 @@ def _child(cmd: list[str], timeout: float, env: dict | None, log: Callable[[str]
         return json.loads(out.read_text())
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument(
         "--quick", action="store_true", help="defaults plus three variants per kernel; short estimate"
     )
     p.add_argument(
         "--out", type=Path, default=None, help="folder for kernels.json, best_configs.json, kernels.txt"
     )
-    p.add_argument("--only", default="", help=f"comma list of: {', '.join(SUITES)}, estimate")
+    p.add_argument("--only", default="", help=f"comma list of: {', '.join((*SUITES, *PARTS))}")
+    p.add_argument("--models", default="20b,120b", help="models of the profile: 20b, 120b")
     p.add_argument(
         "--budget-s",
         type=float,
@@ -301,11 +307,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU under the Triton interpreter")
     p.add_argument("--part-json", type=Path, default=None, help=argparse.SUPPRESS)  # child process mode
     p.add_argument("--isolate", action="store_true", help=argparse.SUPPRESS)  # children also with --smoke
-    args = p.parse_args(argv)
+    p.add_argument("--ceilings", default=None, help=argparse.SUPPRESS)  # children: "bytes_per_s,flops"
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = add_arguments(argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0]))
+    return run(p.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """The benchmark with parsed arguments (`osserve bench kernels` and `python -m osserve.bench.kernels`)."""
     only = [x for x in args.only.split(",") if x] or [*SUITES, "estimate"]
-    unknown = set(only) - set(SUITES) - {"estimate"}
+    unknown = set(only) - set(SUITES) - set(PARTS)
     if unknown:
-        p.error(f"--only: unknown {sorted(unknown)}; allowed: {', '.join(SUITES)}, estimate")
+        print(f"--only: unknown {sorted(unknown)}; allowed: {', '.join((*SUITES, *PARTS))}")
+        return 2
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"
         setup = SMOKE
@@ -316,7 +333,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import triton
 
+    from osserve.bench import kernel_profile
     from osserve.kernels import triton_common
+
+    global PEAK_BW, PEAK_FLOPS
+    if args.ceilings:
+        PEAK_BW, PEAK_FLOPS = (float(v) for v in args.ceilings.split(","))
+    elif setup.device == "cuda":
+        ceil = kernel_profile.ceilings()
+        PEAK_BW, PEAK_FLOPS = ceil["bytes_per_s"], ceil["flops"]
 
     lines: list[str] = []
 
@@ -327,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     suites = [x for x in only if x in SUITES]
     isolate = (setup.device == "cuda" or args.isolate) and args.part_json is None
     passed = (["--quick"] if args.quick else []) + (["--smoke"] if args.smoke else [])
+    passed += ["--ceilings", f"{PEAK_BW},{PEAK_FLOPS}", "--models", args.models]
     if args.part_json is not None:  # a child: run what was asked, hand the results back
         part: dict[str, Any] = {"results": [], "estimates": {}}
         part["results"] = [r.__dict__ for r in _run_suites(suites, setup, args.budget_s, log)]
@@ -339,12 +365,16 @@ def main(argv: list[str] | None = None) -> int:
                 )
             except Exception as e:  # noqa: BLE001
                 log(f"estimate failed: {e!r}\n{traceback.format_exc(limit=-4)}")
+        if "profile" in only and setup.device == "cuda":
+            ceil = {"bytes_per_s": PEAK_BW, "flops": PEAK_FLOPS}
+            part["profile"] = kernel_profile.profile(args.models.split(","), ceil, log)
         part["log"] = lines
         args.part_json.write_text(json.dumps(part, default=str))
         return 0
 
     device_name = torch.cuda.get_device_name() if setup.device == "cuda" else "cpu (interpreter)"
     log(f"device {device_name}  torch {torch.__version__}  triton {triton.__version__}")
+    log(f"ceilings: copy {PEAK_BW / 1e9:.0f} GB/s, bf16 matmul {PEAK_FLOPS / 1e12:.0f} TFLOP/s")
     t0 = time.monotonic()
     results: list[Result] = []
     if isolate:
@@ -383,6 +413,11 @@ def main(argv: list[str] | None = None) -> int:
                 estimates = kernel_estimate.smoke(log)
             except Exception as e:  # noqa: BLE001
                 log(f"estimate failed: {e!r}\n{traceback.format_exc(limit=-4)}")
+    profile: dict[str, Any] = {}
+    if "profile" in only and setup.device == "cuda":
+        part = _child(["--only", "profile", *passed], 600, None, log)
+        profile = part.get("profile", {}) if part else {"error": "crashed or timed out"}
+        lines.extend(part["log"] if part else [])
     errors = sum(r.status == "error" for r in results)
     log(f"done in {time.monotonic() - t0:.0f}s; {errors} error(s)")
     if args.out:
@@ -397,8 +432,11 @@ def main(argv: list[str] | None = None) -> int:
             "results": [r.__dict__ for r in results],
             "best_configs": table,
             "estimates": estimates,
+            "profile": profile,
         }
         (args.out / "kernels.json").write_text(json.dumps(record, indent=1, default=str))
+        if profile:  # the record `kernel_profile.py --compare` reads
+            (args.out / "profile.json").write_text(json.dumps({**record, "profile": profile}, default=str))
         (args.out / "best_configs.json").write_text(json.dumps(table, indent=1))
         (args.out / "kernels.txt").write_text("\n".join(lines) + "\n")
         log(f"wrote {args.out}/kernels.json, best_configs.json, kernels.txt")

@@ -17,14 +17,11 @@ class KernelOps:
     name: str
     rms_norm: Callable
     add_rms_norm: Callable
-    rope: Callable
-    write_kv: Callable
+    rope_write_kv: Callable
     paged_attention: Callable
+    route: Callable
     moe_dense: Callable
     moe_mxfp4: Callable
-    # Later additions have the reference as default, so tables built without them keep working.
-    rope_write_kv: Callable = reference.rope_write_kv
-    route: Callable = reference.route
     # Safe to capture in a CUDA graph: no host syncs, launch shapes that depend only on tensor shapes.
     graph_safe: bool = False
 
@@ -33,9 +30,9 @@ REFERENCE_OPS = KernelOps(
     name="torch",
     rms_norm=reference.rms_norm,
     add_rms_norm=reference.add_rms_norm,
-    rope=reference.rope,
-    write_kv=reference.write_kv,
+    rope_write_kv=reference.rope_write_kv,
     paged_attention=reference.paged_attention,
+    route=reference.route,
     moe_dense=reference.moe_dense,
     moe_mxfp4=reference.moe_mxfp4,
 )

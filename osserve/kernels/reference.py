@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 
 from osserve.engine.batch import AttentionMetadata
+from osserve.kernels.moe_weights import MoEWeights, PairLayout
 
 # E2M1 code -> value; bit 3 is the sign.
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
@@ -78,15 +79,14 @@ def rope_write_kv(
     k: torch.Tensor,
     v: torch.Tensor,
     positions: torch.Tensor,
-    inv_freq: torch.Tensor,
-    scaling: float,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    rope_tables: tuple[torch.Tensor, float],
+    kv_cache: tuple[torch.Tensor, torch.Tensor],
     slot_mapping: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """rope, then write_kv of the rotated keys and the values; returns the rotated (q, k)."""
-    q, k = rope(q, k, positions, inv_freq, scaling)
-    write_kv(k, v, k_cache, v_cache, slot_mapping)
+    """rope with rope_tables = (inv_freq, scaling), then write_kv of the rotated keys and the values into
+    kv_cache = (k_cache, v_cache); returns the rotated (q, k)."""
+    q, k = rope(q, k, positions, *rope_tables)
+    write_kv(k, v, *kv_cache, slot_mapping)
     return q, k
 
 
@@ -193,30 +193,79 @@ def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.
     return torch.softmax(values, dim=-1, dtype=values.dtype), ids
 
 
+def align_pairs(topk_ids: torch.Tensor, expert_offset: int, num_local: int, block_m: int) -> PairLayout:
+    """(token, expert) pairs in expert order (see PairLayout); pairs of experts not held here are left out."""
+    ids = topk_ids.reshape(-1)
+    num_pairs, dev = ids.numel(), ids.device
+    local = ids - expert_offset
+    key = torch.where((local >= 0) & (local < num_local), local, num_local)
+    order = torch.sort(key, stable=True).indices
+    counts = torch.bincount(key, minlength=num_local + 1)[:num_local]
+    padded = -(-counts // block_m) * block_m
+    ends = padded.cumsum(0)
+    max_blocks = -(-num_pairs // block_m) + min(num_pairs, num_local)
+    # Slot of the i-th pair in expert order: its expert's padded start + its rank among that expert's pairs.
+    e = key[order]
+    held = e < num_local
+    e_held = e.clamp(max=max(num_local - 1, 0))
+    rank = torch.arange(num_pairs, device=dev) - (counts.cumsum(0) - counts)[e_held]
+    slot = ((ends - padded)[e_held] + rank)[held]
+    slot_pair = torch.full((max_blocks * block_m,), num_pairs, dtype=torch.int32, device=dev)
+    slot_pair[slot] = order[held].to(torch.int32)
+    pair_slot = torch.full((num_pairs,), -1, dtype=torch.int32, device=dev)
+    pair_slot[order[held]] = slot.to(torch.int32)
+    starts = torch.arange(max_blocks, device=dev)[:, None] * block_m
+    return PairLayout(
+        slot_pair=slot_pair,
+        pair_slot=pair_slot,
+        block_expert=(ends[None, :] <= starts).sum(1).to(torch.int32),
+        expert_end=ends.to(torch.int32),
+        num_padded=padded.sum().reshape(1).to(torch.int32),
+        block_m=block_m,
+        max_blocks=max_blocks,
+    )
+
+
+def combine_pairs(
+    y: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    experts: MoEWeights,
+    pair_slot: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """out[t] = sum over t's top-k pairs p held here of (y[row p] + b2[e_p]) * w_p, where row p is p itself or,
+    with `pair_slot`, its slot in expert order; summed in float32, k in order."""
+    num_tokens, top_k = topk_ids.shape
+    local = topk_ids.reshape(-1) - experts.expert_offset
+    held = (local >= 0) & (local < experts.num_local)
+    rows = torch.arange(num_tokens * top_k, device=y.device) if pair_slot is None else pair_slot.long()
+    v = y[torch.where(held, rows, 0)].float()
+    if experts.w2_bias is not None:
+        v = v + experts.w2_bias[torch.where(held, local, 0)].float()
+    v = torch.where(held[:, None], v * topk_weights.reshape(-1, 1).float(), 0.0)
+    return v.view(num_tokens, top_k, -1).sum(1).to(y.dtype)
+
+
 def _moe(
     x: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
-    num_local: int,
+    experts: MoEWeights,
     expert_weights: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
-    b13: torch.Tensor | None,
-    b2: torch.Tensor | None,
-    limit: float,
-    alpha: float,
-    expert_offset: int,
 ) -> torch.Tensor:
     """The expert loop shared by moe_dense and moe_mxfp4; `expert_weights(e)` gives (w13, w2) of local e."""
     out = torch.zeros_like(x)
-    local_ids = topk_ids - expert_offset
+    local_ids = topk_ids - experts.expert_offset
+    b13, b2 = experts.w13_bias, experts.w2_bias
     for e in torch.unique(local_ids).tolist():
-        if e < 0 or e >= num_local:
+        if e < 0 or e >= experts.num_local:
             continue
         w13, w2 = expert_weights(e)
         tok, slot = torch.where(local_ids == e)
         h = x[tok] @ w13.t()
         if b13 is not None:
             h = h + b13[e].to(h.dtype)
-        y = swiglu(h, limit, alpha) @ w2.t()
+        y = swiglu(h, experts.swiglu_limit, experts.swiglu_alpha) @ w2.t()
         if b2 is not None:
             y = y + b2[e].to(y.dtype)
         out.index_add_(0, tok, (y * topk_weights[tok, slot, None]).to(x.dtype))
@@ -224,56 +273,22 @@ def _moe(
 
 
 def moe_dense(
-    x: torch.Tensor,
-    topk_weights: torch.Tensor,
-    topk_ids: torch.Tensor,
-    w13: torch.Tensor,
-    b13: torch.Tensor | None,
-    w2: torch.Tensor,
-    b2: torch.Tensor | None,
-    limit: float,
-    alpha: float,
-    expert_offset: int = 0,
+    x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, experts: MoEWeights
 ) -> torch.Tensor:
-    """Mixture of experts over dense weights: w13 [E, 2I, H], w2 [E, H, I] (rows = outputs).
-
-    Only experts expert_offset .. expert_offset + E - 1 are held here (expert parallelism); tokens routed
-    elsewhere contribute nothing on this rank.
-    """
-    return _moe(
-        x,
-        topk_weights,
-        topk_ids,
-        w13.shape[0],
-        lambda e: (w13[e], w2[e]),
-        b13,
-        b2,
-        limit,
-        alpha,
-        expert_offset,
-    )
+    """Mixture of experts over dense weights (the CPU layout): tokens routed to experts not held here
+    contribute nothing on this rank."""
+    return _moe(x, topk_weights, topk_ids, experts, lambda e: (experts.w13[e], experts.w2[e]))
 
 
 def moe_mxfp4(
-    x: torch.Tensor,
-    topk_weights: torch.Tensor,
-    topk_ids: torch.Tensor,
-    w13_blocks: torch.Tensor,
-    w13_scales: torch.Tensor,
-    b13: torch.Tensor | None,
-    w2_blocks: torch.Tensor,
-    w2_scales: torch.Tensor,
-    b2: torch.Tensor | None,
-    limit: float,
-    alpha: float,
-    expert_offset: int = 0,
+    x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, experts: MoEWeights
 ) -> torch.Tensor:
-    """moe_dense over packed MXFP4 weights, dequantizing one expert at a time (the Triton kernel's twin)."""
+    """moe_dense over packed MXFP4 weights, dequantizing one expert at a time (the Triton paths' twin)."""
 
     def weights(e: int) -> tuple[torch.Tensor, torch.Tensor]:
         return (
-            mxfp4_dequantize(w13_blocks[e], w13_scales[e], x.dtype),
-            mxfp4_dequantize(w2_blocks[e], w2_scales[e], x.dtype),
+            mxfp4_dequantize(experts.w13[e], experts.w13_scales[e], x.dtype),
+            mxfp4_dequantize(experts.w2[e], experts.w2_scales[e], x.dtype),
         )
 
-    return _moe(x, topk_weights, topk_ids, w13_blocks.shape[0], weights, b13, b2, limit, alpha, expert_offset)
+    return _moe(x, topk_weights, topk_ids, experts, weights)

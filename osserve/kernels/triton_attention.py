@@ -1,6 +1,6 @@
 """Paged attention with per-head sinks and an optional sliding window, reading the KV cache in place.
 
-Twins: reference.write_kv, reference.paged_attention.
+Twin: reference.paged_attention.
 
 - Decode (every query_len <= 1): split-KV (flash-decoding). Grid (num_seqs, kv_heads, num_splits); a program
   takes all q heads of one kv head (GQA: K/V read once for the group) over one slice of the keys, and a
@@ -33,84 +33,12 @@ _INTERPRET_DECODE = {"BLOCK_N": 16, "num_warps": 1, "num_stages": 1, "MAX_SPLITS
 _INTERPRET_PREFILL = {"ROWS": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1}
 
 
-# ---------------------------------------------------------------------------------------------------------
-# write_kv
-
-
-@triton.jit
-def _write_kv_kernel(
-    k_ptr,
-    v_ptr,
-    kc_ptr,
-    vc_ptr,
-    slot_ptr,
-    stride_kt,
-    stride_kh,
-    stride_vt,
-    stride_vh,
-    stride_cb,
-    stride_ct,
-    stride_ch,
-    n_heads,
-    head_dim,
-    HEADS: tl.constexpr,
-    D: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
-):
-    tok = tl.program_id(0).to(tl.int64)
-    slot = tl.load(slot_ptr + tok).to(tl.int64)
-    # Padding tokens (CUDA-graph buckets) may carry slot -1: nothing to store.
-    if slot >= 0:
-        h = tl.arange(0, HEADS)
-        d = tl.arange(0, D)
-        mask = (h[:, None] < n_heads) & (d[None, :] < head_dim)
-        dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_ct
-        dst = dst + h[:, None] * stride_ch + d[None, :]
-        k = tl.load(k_ptr + tok * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask)
-        tl.store(kc_ptr + dst, k.to(kc_ptr.dtype.element_ty), mask=mask)
-        v = tl.load(v_ptr + tok * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
-        tl.store(vc_ptr + dst, v.to(vc_ptr.dtype.element_ty), mask=mask)
-
-
-def write_kv(
-    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
-) -> None:
-    """Store new keys / values [T, Hk, D] in the paged cache [num_blocks, block_size, Hk, D]."""
-    num_tokens, num_heads, head_dim = k.shape
-    if num_tokens == 0:
-        return
-    if k.stride(-1) != 1:
-        k = k.contiguous()
-    if v.stride(-1) != 1:
-        v = v.contiguous()
-    _check_cache(k_cache, v_cache)
-    _write_kv_kernel[(num_tokens,)](
-        k,
-        v,
-        k_cache,
-        v_cache,
-        slot_mapping,
-        k.stride(0),
-        k.stride(1),
-        v.stride(0),
-        v.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        num_heads,
-        head_dim,
-        HEADS=next_pow2(num_heads),
-        D=next_pow2(head_dim),
-        BLOCK_SIZE=k_cache.shape[1],
-        num_warps=1 if interpreting() else 2,
-    )
-
-
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
-    if k_cache.stride() != v_cache.stride() or k_cache.shape != v_cache.shape or k_cache.stride(-1) != 1:
+    # NOTE: the attention kernels derive the cache strides from its shape.
+    if k_cache.shape != v_cache.shape or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError(
             f"paged KV cache: K {tuple(k_cache.shape)}/{k_cache.stride()} and V {tuple(v_cache.shape)}/"
-            f"{v_cache.stride()} must have one shape and one layout with a unit stride on head_dim"
+            f"{v_cache.stride()} must be contiguous and of one shape"
         )
 
 
@@ -136,6 +64,13 @@ def _load_kv_tile(
     blk = tl.load(bt_row_ptr + offs // BLOCK_SIZE, mask=kmask, other=0).to(tl.int64)
     base = blk * stride_cb + (offs % BLOCK_SIZE) * stride_ct + kvh * stride_ch
     return tl.load(cache_ptr + base[:, None] + d[None, :], mask=kmask[:, None] & dmask[None, :], other=0.0)
+
+
+@triton.jit
+def _strides(num_kv_heads, group, head_dim, BLOCK_SIZE: tl.constexpr):
+    """Row strides of q / out [T, Hq, D] and of the cache [blocks, BLOCK_SIZE, Hk, D], all contiguous (the
+    host checks): (token stride of q and out, token stride of the cache, block stride of the cache)."""
+    return num_kv_heads * group * head_dim, num_kv_heads * head_dim, BLOCK_SIZE * num_kv_heads * head_dim
 
 
 @triton.jit
@@ -174,19 +109,12 @@ def _decode_kernel(
     out_ptr,
     part_o_ptr,
     part_ml_ptr,
-    stride_qt,
-    stride_qh,
-    stride_cb,
-    stride_ct,
-    stride_ch,
     stride_bt,
-    stride_ot,
-    stride_oh,
     qk_scale,
     window,
+    num_kv_heads,
     group,
     head_dim,
-    num_q_heads,
     SLIDING: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     G: tl.constexpr,
@@ -195,9 +123,13 @@ def _decode_kernel(
     BLOCK_SIZE: tl.constexpr,
     F32_DOT: tl.constexpr,
 ):
+    """Program (sequence, kv head, split): the sequence's one query, all q heads of the kv head, over its
+    split of the visible keys; with one split the output, else partial (acc, m, l) for the reduce."""
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
+    stride_qt, stride_ct, stride_cb = _strides(num_kv_heads, group, head_dim, BLOCK_SIZE)
+    num_q_heads = num_kv_heads * group
     q_end = tl.load(qsl_ptr + seq + 1)
     if q_end > tl.load(qsl_ptr + seq):
         row = (q_end - 1).to(tl.int64)
@@ -215,7 +147,7 @@ def _decode_kernel(
         dmask = d < head_dim
         head = kvh * group + g
         q = tl.load(
-            q_ptr + row * stride_qt + head[:, None] * stride_qh + d[None, :],
+            q_ptr + row * stride_qt + head[:, None] * head_dim + d[None, :],
             mask=gmask[:, None] & dmask[None, :],
             other=0.0,
         )
@@ -231,17 +163,17 @@ def _decode_kernel(
             offs = start + tl.arange(0, BLOCK_N)
             kmask = offs < s_hi
             k = _load_kv_tile(
-                k_ptr, bt_row, offs, kmask, dmask, d, kvh, stride_cb, stride_ct, stride_ch, BLOCK_SIZE
+                k_ptr, bt_row, offs, kmask, dmask, d, kvh, stride_cb, stride_ct, head_dim, BLOCK_SIZE
             )
             v = _load_kv_tile(
-                v_ptr, bt_row, offs, kmask, dmask, d, kvh, stride_cb, stride_ct, stride_ch, BLOCK_SIZE
+                v_ptr, bt_row, offs, kmask, dmask, d, kvh, stride_cb, stride_ct, head_dim, BLOCK_SIZE
             )
             m, l_i, acc = _attend_tile(q, k, v, kmask[None, :], m, l_i, acc, qk_scale, F32_DOT)
         omask = gmask[:, None] & dmask[None, :]
         if NUM_SPLITS == 1:
             o = acc / l_i[:, None]
             tl.store(
-                out_ptr + row * stride_ot + head[:, None] * stride_oh + d[None, :],
+                out_ptr + row * stride_qt + head[:, None] * head_dim + d[None, :],
                 o.to(out_ptr.dtype.element_ty),
                 mask=omask,
             )
@@ -296,6 +228,22 @@ def _decode_reduce_kernel(
         )
 
 
+def _kernel_args(q, k_cache, v_cache, meta, sinks, scale, out) -> tuple[tuple, tuple, dict]:
+    """What both attention kernels take, in their order: (pointers, scalars, shared constexprs)."""
+    num_kv_heads = k_cache.shape[2]
+    pointers = (q, k_cache, v_cache, meta.block_table, meta.query_start_loc, meta.seq_lens, sinks, out)
+    window = meta.sliding_window
+    scalars = (
+        meta.block_table.stride(0),
+        scale * LOG2E,
+        window or 0,
+        num_kv_heads,
+        q.shape[1] // num_kv_heads,
+    )
+    flags = {"SLIDING": window is not None, "BLOCK_SIZE": k_cache.shape[1], "F32_DOT": dot_f32(q)}
+    return pointers, (*scalars, q.shape[2]), flags
+
+
 @functools.cache
 def _num_sms() -> int:
     return torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 4
@@ -324,37 +272,17 @@ def _decode(q, k_cache, v_cache, meta, sinks, scale, out, cfg, num_splits=None):
         part_ml = torch.empty((num_seqs, num_q_heads, splits, 2), dtype=torch.float32, device=q.device)
     else:
         part_o = part_ml = out
+    pointers, scalars, flags = _kernel_args(q, k_cache, v_cache, meta, sinks, scale, out)
     _decode_kernel[(num_seqs, num_kv_heads, splits)](
-        q,
-        k_cache,
-        v_cache,
-        meta.block_table,
-        meta.query_start_loc,
-        meta.seq_lens,
-        sinks,
-        out,
+        *pointers,
         part_o,
         part_ml,
-        q.stride(0),
-        q.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        meta.block_table.stride(0),
-        out.stride(0),
-        out.stride(1),
-        scale * LOG2E,
-        window or 0,
-        group,
-        head_dim,
-        num_q_heads,
-        SLIDING=window is not None,
+        *scalars,
         NUM_SPLITS=splits,
         G=G,
         D=D,
         BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_SIZE=k_cache.shape[1],
-        F32_DOT=dot_f32(q),
+        **flags,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
@@ -392,16 +320,10 @@ def _prefill_kernel(
     lens_ptr,
     sinks_ptr,
     out_ptr,
-    stride_qt,
-    stride_qh,
-    stride_cb,
-    stride_ct,
-    stride_ch,
     stride_bt,
-    stride_ot,
-    stride_oh,
     qk_scale,
     window,
+    num_kv_heads,
     group,
     head_dim,
     SLIDING: tl.constexpr,
@@ -412,9 +334,13 @@ def _prefill_kernel(
     BLOCK_SIZE: tl.constexpr,
     F32_DOT: tl.constexpr,
 ):
+    """Program (query tile, sequence, kv head): BLOCK_Q queries x the group's q heads as one block of rows,
+    online softmax over the keys the tile can see (from the window's start or 0 to its last query), the
+    sink in every row's denominator."""
     tile = tl.program_id(0)
     seq = tl.program_id(1)
     kvh = tl.program_id(2)
+    stride_qt, stride_ct, stride_cb = _strides(num_kv_heads, group, head_dim, BLOCK_SIZE)
     q_start = tl.load(qsl_ptr + seq)
     q_len = tl.load(qsl_ptr + seq + 1) - q_start
     if tile * BLOCK_Q < q_len:
@@ -428,7 +354,7 @@ def _prefill_kernel(
         dmask = d < head_dim
         head = kvh * group + g
         q_pos = ctx0 + t
-        q_rows = (q_start + t).to(tl.int64) * stride_qt + head * stride_qh
+        q_rows = (q_start + t).to(tl.int64) * stride_qt + head * head_dim
         q = tl.load(q_ptr + q_rows[:, None] + d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
         m = tl.load(sinks_ptr + head, mask=g < group, other=0.0).to(tl.float32) * 1.4426950408889634
         l_i = tl.full([BLOCK_Q * G], 1.0, tl.float32)
@@ -444,17 +370,17 @@ def _prefill_kernel(
             offs = start + tl.arange(0, BLOCK_N)
             kmask = offs < k_hi
             k = _load_kv_tile(
-                k_ptr, bt_row, offs, kmask, dmask, d, kvh, stride_cb, stride_ct, stride_ch, BLOCK_SIZE
+                k_ptr, bt_row, offs, kmask, dmask, d, kvh, stride_cb, stride_ct, head_dim, BLOCK_SIZE
             )
             v = _load_kv_tile(
-                v_ptr, bt_row, offs, kmask, dmask, d, kvh, stride_cb, stride_ct, stride_ch, BLOCK_SIZE
+                v_ptr, bt_row, offs, kmask, dmask, d, kvh, stride_cb, stride_ct, head_dim, BLOCK_SIZE
             )
             s_mask = kmask[None, :] & (offs[None, :] <= q_pos[:, None])
             if SLIDING:
                 s_mask = s_mask & (offs[None, :] > q_pos[:, None] - window)
             m, l_i, acc = _attend_tile(q, k, v, s_mask, m, l_i, acc, qk_scale, F32_DOT)
         o = acc / l_i[:, None]
-        o_rows = (q_start + t).to(tl.int64) * stride_ot + head * stride_oh
+        o_rows = (q_start + t).to(tl.int64) * stride_qt + head * head_dim
         tl.store(
             out_ptr + o_rows[:, None] + d[None, :],
             o.to(out_ptr.dtype.element_ty),
@@ -467,39 +393,19 @@ def _prefill(q, k_cache, v_cache, meta, sinks, scale, out, cfg):
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[2]
     group = num_q_heads // num_kv_heads
-    window = meta.sliding_window
     G = next_pow2(group)
     block_q = max(1, cfg["ROWS"] // G)
     block_q = max(block_q, triton.cdiv(16, G))  # tl.dot needs >= 16 rows
     grid = (triton.cdiv(meta.max_query_len, block_q), num_seqs, num_kv_heads)
+    pointers, scalars, flags = _kernel_args(q, k_cache, v_cache, meta, sinks, scale, out)
     _prefill_kernel[grid](
-        q,
-        k_cache,
-        v_cache,
-        meta.block_table,
-        meta.query_start_loc,
-        meta.seq_lens,
-        sinks,
-        out,
-        q.stride(0),
-        q.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        meta.block_table.stride(0),
-        out.stride(0),
-        out.stride(1),
-        scale * LOG2E,
-        window or 0,
-        group,
-        head_dim,
-        SLIDING=window is not None,
+        *pointers,
+        *scalars,
         BLOCK_Q=block_q,
         G=G,
         D=max(16, next_pow2(head_dim)),
         BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_SIZE=k_cache.shape[1],
-        F32_DOT=dot_f32(q),
+        **flags,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
@@ -529,8 +435,7 @@ def paged_attention(
     q [T, Hq, D]; returns [T, Hq, D] in q's dtype. Only meta.max_query_len and the number of sequences
     shape the launch; everything per sequence is read on the device.
     """
-    if q.stride(-1) != 1:
-        q = q.contiguous()
+    q = q.contiguous()  # NOTE: the kernels derive q's (and the output's) strides from its shape
     _check_cache(k_cache, v_cache)
     num_q_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
     if num_q_heads % num_kv_heads:

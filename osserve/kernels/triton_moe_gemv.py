@@ -1,18 +1,14 @@
-"""MXFP4 MoE, gemv regime (few (token, expert) pairs: decode): weights streamed once from the packed layout.
+"""MXFP4 MoE, gemv regime (few (token, expert) pairs: decode): weights streamed once per routed pair.
 
-Two generations, both kept so the benchmark can compare them (config `VERSION`):
-- v1: stage 1 per (pair, N tile) over K in BLOCK_K steps with the byte decode; stage 2 either per pair plus
-  a combine launch, or fused per (token, N tile) looping over the token's top-k experts (FUSE_COMBINE).
-  Measured on the H100: stage 2 fused has only H / DOWN_BLOCK_N = 180 programs walking 4 experts x 12
-  K-steps serially, i.e. a few hundred KB in flight: latency-bound.
-- v2: the word decode (two integer ops per code pair, fp32 FMAs) and tiles sized for bytes in flight.
-  Stage 1 grid (pairs, 2I / BLOCK_N); stage 2 grid (tokens, H / DOWN_BLOCK_N) where each program owns
-  DOWN_BLOCK_N rows of *all* top-k experts as one [top-k, rows, words] tile, so the four experts' loads go
-  out together and the combine (bias, routing weight, sum over k) happens in registers: two launches, no
-  combine kernel, 4x the programs of v1's fused stage 2. PREFETCH loads the next K step's words before
-  decoding the current one (register double buffering), so a warp always has a load in flight.
-Pairs are on grid axis 0, so programs reading the same weight tile for different pairs run together (L2).
-Scales are applied once per 32-value group; bias, SwiGLU and routing weight are fused in the epilogues.
+The word decode (two integer ops per code pair, fp32 FMAs) and tiles sized for bytes in flight. Stage 1 grid
+(pairs, 2I / BLOCK_N): act = swiglu(x W13^T + b13), written in fp32, code-index major (PERM) so that stage 2
+reads it as 16-byte vectors in the weights' layout. Stage 2 grid (tokens, H / DOWN_BLOCK_N): each program owns
+DOWN_BLOCK_N rows of *all* top-k experts as one [top-k, rows, words] tile, so the experts' loads go out
+together and the combine (bias, routing weight, sum over k) happens in registers: two launches, no combine
+kernel. PREFETCH loads the next K step's words before decoding the current one (register double buffering),
+so a warp always has a load in flight. Pairs are on grid axis 0, so programs reading the same weight tile for
+different pairs run together (L2). Scales are applied once per 32-value group.
+(The first kernels of this regime, measured on the H100 in run 1 and superseded since, are gone.)
 """
 
 from __future__ import annotations
@@ -21,10 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from osserve.kernels.triton_mxfp4 import _e2m1_pair, _gemv_partial, _scale_factor
-
-# ---------------------------------------------------------------------------------------------------------
-# v1
+from osserve.kernels.moe_weights import MoEWeights
+from osserve.kernels.triton_mxfp4 import _e2m1_pair, _scale_factor, experts_stage, use_asm
 
 
 @triton.jit
@@ -35,125 +29,12 @@ def _swiglu(gate, lin, limit, alpha):
 
 
 @triton.jit
-def _moe_gemv_kernel(
-    a_ptr,
-    ids_ptr,
-    topw_ptr,
-    w_ptr,
-    s_ptr,
-    b_ptr,
-    out_ptr,
-    stride_a,
-    stride_we,
-    stride_wn,
-    stride_se,
-    stride_sn,
-    stride_be,
-    stride_o,
-    K,
-    N,
-    expert_offset,
-    num_local,
-    top_k,
-    limit,
-    alpha,
-    STAGE: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    ASM: tl.constexpr,
-):
-    pair = tl.program_id(0)
-    e = tl.load(ids_ptr + pair).to(tl.int32) - expert_offset
-    if (e >= 0) & (e < num_local):
-        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        nmask = n < N
-        if STAGE == 1:
-            a_row = a_ptr + (pair // top_k).to(tl.int64) * stride_a
-        else:
-            a_row = a_ptr + pair.to(tl.int64) * stride_a
-        w_e = w_ptr + e.to(tl.int64) * stride_we
-        s_e = s_ptr + e.to(tl.int64) * stride_se
-        acc = tl.zeros([BLOCK_N, BLOCK_K // 32], tl.float32)
-        acc_l = tl.zeros([BLOCK_N, BLOCK_K // 32], tl.float32)
-        KG = K // 32
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(a_row + kk, mask=kk < K, other=0.0).to(tl.float32)
-            if STAGE == 1:
-                acc += _gemv_partial(w_e, s_e, 2 * n, nmask, a, k0, KG, stride_wn, stride_sn, BLOCK_K, ASM)
-                acc_l += _gemv_partial(
-                    w_e, s_e, 2 * n + 1, nmask, a, k0, KG, stride_wn, stride_sn, BLOCK_K, ASM
-                )
-            else:
-                acc += _gemv_partial(w_e, s_e, n, nmask, a, k0, KG, stride_wn, stride_sn, BLOCK_K, ASM)
-        h = tl.sum(acc, 1)
-        if STAGE == 1:
-            h_l = tl.sum(acc_l, 1)
-            if HAS_BIAS:
-                h += tl.load(b_ptr + e * stride_be + 2 * n, mask=nmask, other=0.0).to(tl.float32)
-                h_l += tl.load(b_ptr + e * stride_be + 2 * n + 1, mask=nmask, other=0.0).to(tl.float32)
-            y = _swiglu(h, h_l, limit, alpha)
-        else:
-            if HAS_BIAS:
-                h += tl.load(b_ptr + e * stride_be + n, mask=nmask, other=0.0).to(tl.float32)
-            y = h * tl.load(topw_ptr + pair).to(tl.float32)
-        tl.store(out_ptr + pair.to(tl.int64) * stride_o + n, y.to(out_ptr.dtype.element_ty), mask=nmask)
-
-
-@triton.jit
-def _moe_gemv_down_combine_kernel(
-    a_ptr,
-    ids_ptr,
-    topw_ptr,
-    w_ptr,
-    s_ptr,
-    b_ptr,
-    out_ptr,
-    stride_a,
-    stride_we,
-    stride_wn,
-    stride_se,
-    stride_sn,
-    stride_be,
-    stride_o,
-    K,
-    N,
-    expert_offset,
-    num_local,
-    TOP_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    ASM: tl.constexpr,
-):
-    """v1 stage 2 with the combine fused: one program per (token, N tile) sums its top-k experts."""
-    tok = tl.program_id(0)
-    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = n < N
-    y = tl.zeros([BLOCK_N], tl.float32)
-    KG = K // 32
-    for j in tl.static_range(TOP_K):
-        pair = tok * TOP_K + j
-        e = tl.load(ids_ptr + pair).to(tl.int32) - expert_offset
-        if (e >= 0) & (e < num_local):
-            a_row = a_ptr + pair.to(tl.int64) * stride_a
-            w_e = w_ptr + e.to(tl.int64) * stride_we
-            s_e = s_ptr + e.to(tl.int64) * stride_se
-            acc = tl.zeros([BLOCK_N, BLOCK_K // 32], tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                kk = k0 + tl.arange(0, BLOCK_K)
-                a = tl.load(a_row + kk, mask=kk < K, other=0.0).to(tl.float32)
-                acc += _gemv_partial(w_e, s_e, n, nmask, a, k0, KG, stride_wn, stride_sn, BLOCK_K, ASM)
-            h = tl.sum(acc, 1)
-            if HAS_BIAS:
-                h += tl.load(b_ptr + e * stride_be + n, mask=nmask, other=0.0).to(tl.float32)
-            y += h * tl.load(topw_ptr + pair).to(tl.float32)
-    tl.store(out_ptr + tok.to(tl.int64) * stride_o + n, y.to(out_ptr.dtype.element_ty), mask=nmask)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# v2
+def _strides(KG, N, STAGE: tl.constexpr):
+    """Row strides of a stage's activations in / out and of the packed weights and scales (every MoE tensor
+    is contiguous: MoEWeights and the launchers check it): (stride_a, stride_o, stride_wn, stride_sn)."""
+    if STAGE == 1:
+        return KG * 32, N // 2, KG * 16, KG
+    return KG * 32, N, KG * 16, KG
 
 
 @triton.jit
@@ -171,7 +52,7 @@ def _load_words(w_rows, s_rows, rmask, kg0, KG, W: tl.constexpr, G: tl.constexpr
 
 
 @triton.jit
-def _gemv2_dot(
+def _gemv_dot(
     t,
     sc,
     a_rows,
@@ -215,7 +96,7 @@ def _gemv2_dot(
 
 
 @triton.jit
-def _moe_gemv2_kernel(
+def _moe_gemv_kernel(
     a_ptr,
     ids_ptr,
     topw_ptr,
@@ -223,20 +104,13 @@ def _moe_gemv2_kernel(
     s_ptr,
     b_ptr,
     out_ptr,
-    stride_a,
-    stride_we,
-    stride_wn,
-    stride_se,
-    stride_sn,
-    stride_be,
-    stride_o,
     KG,
     N,
-    expert_offset,
-    num_local,
     top_k,
     limit,
     alpha,
+    expert_offset,
+    num_local,
     STAGE: tl.constexpr,
     J: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -250,6 +124,7 @@ def _moe_gemv2_kernel(
     STAGE 2 (J = top-k padded): program (token, tile) writes out = sum_j w_j (act_j W2_j^T + b2_j)."""
     W: tl.constexpr = BLOCK_K // 8
     G: tl.constexpr = BLOCK_K // 32
+    stride_a, stride_o, stride_wn, stride_sn = _strides(KG, N, STAGE)
     pid = tl.program_id(0)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < N
@@ -266,11 +141,11 @@ def _moe_gemv2_kernel(
     live = jmask & (e >= 0) & (e < num_local)
     e64 = tl.where(live, e, 0).to(tl.int64)
     rmask = live[:, None] & nmask[None, :]
-    # NOTE: packed rows are whole 16-byte groups, so row and expert offsets in words are multiples of 4
-    # (the host checks the strides); with it Triton issues 16-byte loads.
-    w_off = e64[:, None] * (stride_we // 4) + n.to(tl.int64)[None, :] * (stride_wn // 4)
+    # NOTE: packed rows are whole 16-byte groups, so row and expert offsets in words are multiples of 4;
+    # with it Triton issues 16-byte loads.
+    w_off = e64[:, None] * (N * stride_wn // 4) + n.to(tl.int64)[None, :] * (stride_wn // 4)
     w_rows = w_ptr.to(tl.pointer_type(tl.uint32)) + tl.multiple_of(w_off, [4, 4])
-    s_rows = s_ptr + e64[:, None] * stride_se + n.to(tl.int64)[None, :] * stride_sn
+    s_rows = s_ptr + e64[:, None] * (N * stride_sn) + n.to(tl.int64)[None, :] * stride_sn
     acc = tl.zeros([J, BLOCK_N, G], tl.float32)
     if tl.max(live.to(tl.int32), 0) > 0:
         if PREFETCH:
@@ -281,12 +156,10 @@ def _moe_gemv2_kernel(
                 t, sc = _load_words(w_rows, s_rows, rmask, kg0 + G, KG, W, G)
             else:
                 t_cur, sc_cur = _load_words(w_rows, s_rows, rmask, kg0, KG, W, G)
-            acc += _gemv2_dot(
-                t_cur, sc_cur, a_rows, live, kg0, KG, J, BLOCK_N, W, G, PERM and STAGE == 2, ASM
-            )
+            acc += _gemv_dot(t_cur, sc_cur, a_rows, live, kg0, KG, J, BLOCK_N, W, G, PERM and STAGE == 2, ASM)
     h = tl.sum(acc, 2)
     if HAS_BIAS:
-        h += tl.load(b_ptr + e64[:, None] * stride_be + n[None, :], mask=rmask, other=0.0).to(tl.float32)
+        h += tl.load(b_ptr + e64[:, None] * N + n[None, :], mask=rmask, other=0.0).to(tl.float32)
     if STAGE == 1:
         # Rows 2c (gate) and 2c + 1 (linear) of the interleaved w13 give output column c.
         gate, lin = tl.split(tl.reshape(h, [BLOCK_N // 2, 2]))
@@ -308,178 +181,53 @@ def _moe_gemv2_kernel(
         tl.store(out_ptr + pid.to(tl.int64) * stride_o + n, y.to(out_ptr.dtype.element_ty), mask=nmask)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Host side
-
-
-def gemv_launch(
-    x,
-    ids,
-    topw,
-    w13_blocks,
-    w13_scales,
-    b13,
-    w2_blocks,
-    w2_scales,
-    b2,
-    limit,
-    alpha,
-    expert_offset,
-    top_k,
-    cfg,
-    asm,
-    combine,
-) -> torch.Tensor:
-    """Both stages of the gemv regime; returns out [tokens, H] (or, for v1 unfused, y [pairs, H] which
-    `combine(y)` sums per token)."""
-    num_local, two_inter = w13_blocks.shape[:2]
-    inter, hidden = two_inter // 2, w2_blocks.shape[1]
-    num_pairs = ids.numel()
-    num_tokens = num_pairs // top_k
-    act = torch.empty((num_pairs, inter), dtype=x.dtype, device=x.device)
-    out = torch.empty((num_tokens, hidden), dtype=x.dtype, device=x.device)
-    b13_t, sb13 = (b13, b13.stride(0)) if b13 is not None else (x, 0)
-    b2_t, sb2 = (b2, b2.stride(0)) if b2 is not None else (x, 0)
-    warps, nstages = cfg["num_warps"], cfg["num_stages"]
-    if cfg.get("VERSION", 1) == 2:
-        if cfg.get("PERM", True):
-            # Code-index-major fp32 rows: stage 2 loads them as 16-byte vectors, no conversion.
-            act = torch.empty((num_pairs, inter), dtype=torch.float32, device=x.device)
-        for t in (w13_blocks, w2_blocks):
-            if t.stride(0) % 16 or t.stride(1) % 16:
-                raise ValueError(f"moe gemv v2: packed rows must start on 16 bytes (strides {t.stride()})")
-        up_rows, down_rows = cfg["BLOCK_N"], cfg["DOWN_BLOCK_N"]
-        common = dict(
-            BLOCK_K=cfg["BLOCK_K"],
-            PREFETCH=cfg.get("PREFETCH", True),
-            PERM=cfg.get("PERM", True),
-            ASM=asm,
-            num_warps=warps,
-            num_stages=nstages,
-        )
-        _moe_gemv2_kernel[(num_pairs, triton.cdiv(two_inter, up_rows))](
-            x,
-            ids,
-            topw,
-            w13_blocks,
-            w13_scales,
-            b13_t,
-            act,
-            x.stride(0),
-            w13_blocks.stride(0),
-            w13_blocks.stride(1),
-            w13_scales.stride(0),
-            w13_scales.stride(1),
-            sb13,
-            act.stride(0),
-            hidden // 32,
-            two_inter,
-            expert_offset,
-            num_local,
-            top_k,
-            float(limit),
-            float(alpha),
-            STAGE=1,
-            J=1,
-            HAS_BIAS=b13 is not None,
-            BLOCK_N=up_rows,
-            **common,
-        )
-        _moe_gemv2_kernel[(num_tokens, triton.cdiv(hidden, down_rows))](
-            act,
-            ids,
-            topw,
-            w2_blocks,
-            w2_scales,
-            b2_t,
-            out,
-            act.stride(0),
-            w2_blocks.stride(0),
-            w2_blocks.stride(1),
-            w2_scales.stride(0),
-            w2_scales.stride(1),
-            sb2,
-            out.stride(0),
-            inter // 32,
-            hidden,
-            expert_offset,
-            num_local,
-            top_k,
-            float(limit),
-            float(alpha),
-            STAGE=2,
-            J=triton.next_power_of_2(top_k),
-            HAS_BIAS=b2 is not None,
-            BLOCK_N=down_rows,
-            **common,
-        )
-        return out
-    fused = cfg.get("FUSE_COMBINE", True)
-    y = act if fused else torch.empty((num_pairs, hidden), dtype=x.dtype, device=x.device)
+def gemv_launch(x: torch.Tensor, topk_weights, topk_ids, experts: MoEWeights, cfg: dict) -> torch.Tensor:
+    """Both stages of the gemv regime; returns out [tokens, H]."""
+    num_tokens, top_k = topk_ids.shape
+    num_pairs = num_tokens * top_k
+    perm = cfg.get("PERM", True)
+    # PERM: code-index-major fp32 rows, which stage 2 loads as 16-byte vectors with no conversion.
+    act = torch.empty((num_pairs, experts.inter), dtype=torch.float32 if perm else x.dtype, device=x.device)
+    out = torch.empty((num_tokens, experts.hidden), dtype=x.dtype, device=x.device)
+    ids, topw = topk_ids.reshape(-1), topk_weights.reshape(-1)
+    swiglu = (float(experts.swiglu_limit), float(experts.swiglu_alpha))
+    common = dict(
+        BLOCK_K=cfg["BLOCK_K"],
+        PREFETCH=cfg.get("PREFETCH", True),
+        PERM=perm,
+        ASM=use_asm(cfg),
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
     stages = [
-        (x, w13_blocks, w13_scales, b13_t, sb13, b13, act, hidden, inter, 1),
-        (act, w2_blocks, w2_scales, b2_t, sb2, b2, y, inter, hidden, 2),
+        (1, x, act, (num_pairs, triton.cdiv(2 * experts.inter, cfg["BLOCK_N"])), 1, cfg["BLOCK_N"]),
+        (
+            2,
+            act,
+            out,
+            (num_tokens, triton.cdiv(experts.hidden, cfg["DOWN_BLOCK_N"])),
+            top_k,
+            cfg["DOWN_BLOCK_N"],
+        ),
     ]
-    for a, wb, ws, bias, stride_b, b_given, dst, K, N, stage in stages[: 1 if fused else 2]:
-        cols = cfg["BLOCK_N"] // 2 if stage == 1 else cfg["BLOCK_N"]
-        _moe_gemv_kernel[(num_pairs, triton.cdiv(N, cols))](
+    for stage, a, dst, grid, j, rows in stages:
+        weights, k_groups, n, has_bias = experts_stage(experts, stage, x)
+        _moe_gemv_kernel[grid](
             a,
             ids,
             topw,
-            wb,
-            ws,
-            bias,
+            *weights,
             dst,
-            a.stride(0),
-            wb.stride(0),
-            wb.stride(1),
-            ws.stride(0),
-            ws.stride(1),
-            stride_b,
-            dst.stride(0),
-            K,
-            N,
-            expert_offset,
-            num_local,
+            k_groups,
+            n,
             top_k,
-            float(limit),
-            float(alpha),
+            *swiglu,
+            experts.expert_offset,
+            experts.num_local,
             STAGE=stage,
-            HAS_BIAS=b_given is not None,
-            BLOCK_N=cols,
-            BLOCK_K=cfg["BLOCK_K"],
-            ASM=asm,
-            num_warps=warps,
-            num_stages=nstages,
+            J=triton.next_power_of_2(j),
+            HAS_BIAS=has_bias,
+            BLOCK_N=rows,
+            **common,
         )
-    if not fused:
-        return combine(y, out)
-    cols = cfg.get("DOWN_BLOCK_N", cfg["BLOCK_N"])
-    _moe_gemv_down_combine_kernel[(num_tokens, triton.cdiv(hidden, cols))](
-        act,
-        ids,
-        topw,
-        w2_blocks,
-        w2_scales,
-        b2_t,
-        out,
-        act.stride(0),
-        w2_blocks.stride(0),
-        w2_blocks.stride(1),
-        w2_scales.stride(0),
-        w2_scales.stride(1),
-        sb2,
-        out.stride(0),
-        inter,
-        hidden,
-        expert_offset,
-        num_local,
-        TOP_K=top_k,
-        HAS_BIAS=b2 is not None,
-        BLOCK_N=cols,
-        BLOCK_K=cfg["BLOCK_K"],
-        ASM=asm,
-        num_warps=warps,
-        num_stages=nstages,
-    )
     return out

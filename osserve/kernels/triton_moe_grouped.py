@@ -1,14 +1,15 @@
 """MXFP4 MoE for many tokens (prefill): dequantize the layer's experts to bf16, then two grouped GEMMs.
 
 Steps (all on the device, no host sync, shapes from tensor shapes only, so CUDA-graph safe):
-1. pairs (token, expert) sorted by local expert id (stable; pairs routed to experts not held here get the
-   key E_local and sort last), group ends `offs` by searchsorted, the inverse permutation `pos`;
+1. pairs (token, expert) in expert order (triton_moe_pairs.align_pairs with BLOCK_M = 1: no padding; pairs
+   routed to experts not held here are left out, the slots after the last expert's end hold a sentinel),
+   group ends `offs`, the inverse permutation;
 2. the layer's w13 dequantized into a bf16 scratch buffer (triton_mxfp4, twin reference.mxfp4_dequantize);
 3. `torch._grouped_mm(x[sorted tokens], w13^T, offs)` (CUTLASS grouped GEMM on sm90) -> h [P, 2I];
 4. bias + clamped SwiGLU (even rows gate, odd rows linear) in one Triton kernel -> act [P, I];
 5. w2 dequantized (reusing the freed w13 memory) and the second grouped GEMM -> y [P, H];
-6. per token, the sum over its top-k of (y + b2) * routing weight (fixed order: deterministic); pairs not
-   held here contribute zero. Rows past the last group end are never computed by the GEMMs (garbage), so
+6. per token, the sum over its top-k of (y + b2) * routing weight (triton_moe_pairs.combine_pairs, fixed
+   order: deterministic); pairs not held here contribute zero. Rows past the last group end are never computed by the GEMMs (garbage), so
    the combine selects, never multiplies by zero.
 Costs at 8192 tokens, 32 experts: ~2 GB of dequant traffic (~0.7 ms) + 1.6 TFLOP of bf16 GEMMs, against the
 fused Triton gemm that decodes every weight tile once per block of tokens.
@@ -20,8 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from osserve.kernels.triton_common import interpreting
+from osserve.kernels.moe_weights import MoEWeights
 from osserve.kernels.triton_moe_gemv import _swiglu
+from osserve.kernels.triton_moe_pairs import align_pairs, combine_pairs
 from osserve.kernels.triton_mxfp4 import mxfp4_dequantize
 
 
@@ -63,40 +65,6 @@ def _bias_swiglu_kernel(
     )
 
 
-@triton.jit
-def _grouped_combine_kernel(
-    y_ptr,
-    pos_ptr,
-    ids_ptr,
-    topw_ptr,
-    b_ptr,
-    out_ptr,
-    stride_y,
-    stride_be,
-    stride_o,
-    H,
-    expert_offset,
-    num_local,
-    TOP_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    tok = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    cmask = cols < H
-    acc = tl.zeros([BLOCK], tl.float32)
-    for k in tl.static_range(TOP_K):
-        pair = tok * TOP_K + k
-        e = tl.load(ids_ptr + pair).to(tl.int32) - expert_offset
-        if (e >= 0) & (e < num_local):
-            row = tl.load(pos_ptr + pair).to(tl.int64)
-            v = tl.load(y_ptr + row * stride_y + cols, mask=cmask, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                v += tl.load(b_ptr + e.to(tl.int64) * stride_be + cols, mask=cmask, other=0.0).to(tl.float32)
-            acc += v * tl.load(topw_ptr + pair).to(tl.float32)
-    tl.store(out_ptr + tok * stride_o + cols, acc.to(out_ptr.dtype.element_ty), mask=cmask)
-
-
 GROUPED_DEFAULT = {
     "MIN_PAIRS": 8192,
     "SWIGLU_BLOCK_M": 16,
@@ -118,88 +86,43 @@ def grouped_supported(x: torch.Tensor) -> bool:
     return x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
 
 
-def sort_pairs(topk_ids: torch.Tensor, expert_offset: int, num_local: int):
-    """(key_sorted [P], order [P]: sorted slot -> pair, pos [P]: pair -> sorted slot, offs [E] int32 ends)."""
-    ids = topk_ids.reshape(-1)
-    key = ids - expert_offset
-    key = torch.where((key >= 0) & (key < num_local), key, num_local)
-    key_sorted, order = torch.sort(key, stable=True)
-    bounds = torch.arange(1, num_local + 1, device=ids.device, dtype=key_sorted.dtype)
-    offs = torch.searchsorted(key_sorted, bounds).to(torch.int32)
-    pos = torch.empty_like(order)
-    pos.scatter_(0, order, torch.arange(order.numel(), device=ids.device, dtype=order.dtype))
-    return key_sorted, order, pos, offs
-
-
 def grouped_launch(
-    x,
-    topk_weights,
-    topk_ids,
-    w13_blocks,
-    w13_scales,
-    b13,
-    w2_blocks,
-    w2_scales,
-    b2,
-    limit,
-    alpha,
-    expert_offset,
-    cfg,
+    x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, experts: MoEWeights, cfg: dict
 ) -> torch.Tensor:
-    num_local, two_inter = w13_blocks.shape[:2]
-    inter, hidden = two_inter // 2, w2_blocks.shape[1]
     num_tokens, top_k = topk_ids.shape
     num_pairs = num_tokens * top_k
     if not grouped_supported(x):
         raise ValueError(f"moe grouped: needs bf16 activations and torch._grouped_mm (got {x.dtype})")
-    key, order, pos, offs = sort_pairs(topk_ids, expert_offset, num_local)
-    a = x[order // top_k]
-    w = mxfp4_dequantize(w13_blocks, w13_scales, torch.bfloat16)
-    h = torch._grouped_mm(a, w.transpose(1, 2), offs=offs)
-    del w, a  # NOTE: frees the w13 scratch before the w2 one is made (the allocator reuses it)
-    act = torch.empty((num_pairs, inter), dtype=x.dtype, device=x.device)
-    warps = cfg["num_warps"]
+    lay = align_pairs(topk_ids, experts.expert_offset, experts.num_local, 1)
+    # NOTE: slots past the last group hold the sentinel num_pairs; clamped, they gather some row that the
+    # grouped GEMMs never reach.
+    tokens = torch.clamp(lay.slot_pair[:num_pairs] // top_k, max=num_tokens - 1)
+    w = mxfp4_dequantize(experts.w13, experts.w13_scales, torch.bfloat16)
+    h = torch._grouped_mm(x[tokens], w.transpose(1, 2), offs=lay.expert_end)
+    del w  # NOTE: frees the w13 scratch before the w2 one is made (the allocator reuses it)
+    act = torch.empty((num_pairs, experts.inter), dtype=x.dtype, device=x.device)
     bm, bi = cfg["SWIGLU_BLOCK_M"], cfg["SWIGLU_BLOCK_I"]
-    _bias_swiglu_kernel[(triton.cdiv(num_pairs, bm), triton.cdiv(inter, bi))](
+    b13 = experts.w13_bias
+    _bias_swiglu_kernel[(triton.cdiv(num_pairs, bm), triton.cdiv(experts.inter, bi))](
         h,
-        key,
-        b13 if b13 is not None else h,
+        lay.block_expert,
+        h if b13 is None else b13,
         act,
         num_pairs,
-        inter,
+        experts.inter,
         h.stride(0),
-        b13.stride(0) if b13 is not None else 0,
+        0 if b13 is None else b13.stride(0),
         act.stride(0),
-        num_local,
-        float(limit),
-        float(alpha),
+        experts.num_local,
+        float(experts.swiglu_limit),
+        float(experts.swiglu_alpha),
         HAS_BIAS=b13 is not None,
         BLOCK_M=bm,
         BLOCK_I=bi,
-        num_warps=warps,
+        num_warps=cfg["num_warps"],
     )
     del h
-    w = mxfp4_dequantize(w2_blocks, w2_scales, torch.bfloat16)
-    y = torch._grouped_mm(act, w.transpose(1, 2), offs=offs)
+    w = mxfp4_dequantize(experts.w2, experts.w2_scales, torch.bfloat16)
+    y = torch._grouped_mm(act, w.transpose(1, 2), offs=lay.expert_end)
     del w, act
-    out = torch.empty_like(x)
-    block = cfg["COMBINE_BLOCK"]
-    _grouped_combine_kernel[(num_tokens, triton.cdiv(hidden, block))](
-        y,
-        pos,
-        topk_ids,
-        topk_weights,
-        b2 if b2 is not None else y,
-        out,
-        y.stride(0),
-        b2.stride(0) if b2 is not None else 0,
-        out.stride(0),
-        hidden,
-        expert_offset,
-        num_local,
-        TOP_K=top_k,
-        HAS_BIAS=b2 is not None,
-        BLOCK=block,
-        num_warps=1 if interpreting() else 4,
-    )
-    return out
+    return combine_pairs(y, topk_weights, topk_ids, experts, lay.pair_slot, cfg["COMBINE_BLOCK"])

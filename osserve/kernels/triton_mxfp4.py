@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from osserve.kernels.moe_weights import MoEWeights
 from osserve.kernels.triton_common import config_for, interpreting
 
 # Optional inline-PTX decode (config DEQUANT_ASM): 4 packed bytes in -> 4 low-nibble and 4 high-nibble
@@ -96,16 +97,6 @@ def _dequant_mxfp4(
 
 
 @triton.jit
-def _gemv_partial(
-    w_ptr, s_ptr, rows, rmask, a, k0, KG, stride_wn, stride_sn, BLOCK_K: tl.constexpr, ASM: tl.constexpr
-):
-    """Per-group partial dot products [R, BLOCK_K / 32] of weight rows with the activation chunk a."""
-    vals, factor = _load_mxfp4(w_ptr, s_ptr, rows, rmask, k0, KG, stride_wn, stride_sn, BLOCK_K, ASM)
-    prod = tl.reshape(vals * a[None, :], [vals.shape[0], BLOCK_K // 32, 32])
-    return tl.sum(prod, 2) * factor
-
-
-@triton.jit
 def _f16x2_to_f32(f, ASM: tl.constexpr):
     """The two fp16 halves of each 32-bit element of f, as fp32 (low half, high half)."""
     if ASM:
@@ -139,6 +130,26 @@ def _e2m1_pair(t, i: tl.constexpr, ASM: tl.constexpr):
         f = (t >> 3) & 0x0E000E00
     f = f | ((t << (12 - 4 * i)) & 0x80008000)
     return _f16x2_to_f32(f, ASM)
+
+
+def use_asm(cfg: dict) -> bool:
+    """Whether a config's DEQUANT_ASM applies: inline PTX cannot run under the interpreter."""
+    return bool(cfg.get("DEQUANT_ASM", False)) and not interpreting()
+
+
+def experts_stage(experts: MoEWeights, stage: int, dummy: torch.Tensor) -> tuple[tuple, int, int, bool]:
+    """The packed weights of projection `stage` (1: w13, 2: w2) as every MoE kernel takes them (contiguous, so
+    the kernels derive the strides): ((blocks, scales, bias or `dummy`), K / 32, N, whether there is a bias)."""
+    if stage == 1:
+        blocks, scales, bias = experts.w13, experts.w13_scales, experts.w13_bias
+    else:
+        blocks, scales, bias = experts.w2, experts.w2_scales, experts.w2_bias
+    return (
+        (blocks, scales, dummy if bias is None else bias),
+        blocks.shape[2],
+        blocks.shape[1],
+        bias is not None,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -210,7 +221,7 @@ def mxfp4_dequantize(
             str(dtype).removeprefix("torch."),
             _INTERPRET_DEQUANT if interpreting() else DEQUANT_DEFAULT,
         )
-    asm = bool(cfg.get("DEQUANT_ASM", False)) and not interpreting()
+    asm = use_asm(cfg)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(groups * 32, cfg["BLOCK_K"]))
     _dequant_kernel[grid](
         w,

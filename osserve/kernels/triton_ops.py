@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from osserve.config import ATTENTION_BACKENDS, MOE_BACKENDS
 from osserve.kernels import KernelOps, reference
-from osserve.kernels.triton_attention import paged_attention, write_kv
+from osserve.kernels.triton_attention import paged_attention
 from osserve.kernels.triton_common import load_tuned_from_env
 from osserve.kernels.triton_moe import make_moe_op
 from osserve.kernels.triton_norm import add_rms_norm, rms_norm
-from osserve.kernels.triton_rope import rope, rope_write_kv
+from osserve.kernels.triton_rope import rope_write_kv
 from osserve.kernels.triton_router import route
 
 
@@ -33,13 +33,11 @@ def make_ops(attention_backend: str = "auto", moe_backend: str = "auto") -> Kern
         # Norms and RoPE follow the attention backend: "torch" there means the whole dense path.
         rms_norm=rms_norm if attn else reference.rms_norm,
         add_rms_norm=add_rms_norm if attn else reference.add_rms_norm,
-        rope=rope if attn else reference.rope,
-        write_kv=write_kv if attn else reference.write_kv,
+        rope_write_kv=rope_write_kv if attn else reference.rope_write_kv,
         paged_attention=paged_attention if attn else reference.paged_attention,
         # NOTE: dense (dequantized) experts are the CPU layout; on CUDA the model keeps MXFP4 packed.
         moe_dense=reference.moe_dense,
         moe_mxfp4=make_moe_op(moe_backend) if moe else reference.moe_mxfp4,
-        graph_safe=attn and moe,
-        rope_write_kv=rope_write_kv if attn else reference.rope_write_kv,
         route=route if moe else reference.route,
+        graph_safe=attn and moe,
     )

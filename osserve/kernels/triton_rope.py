@@ -1,8 +1,8 @@
 """Rotary embedding (half-split, YaRN frequencies and scaling given): one program per token, all heads.
 
-Twins: reference.rope, reference.rope_write_kv. cos / sin are computed once per token in float32 and
-applied to every q and k head; q, k and v may be strided views of the fused qkv projection. The fused
-variant also stores the rotated keys and the values in their paged-cache slots (one launch instead of two).
+Twin: reference.rope_write_kv. cos / sin are computed once per token in float32 and applied to every q and k
+head; q, k and v may be strided views of the fused qkv projection. The same launch stores the rotated keys
+and the values in their paged-cache slots.
 Memory-bound: floor = (read + write of q and k, + the cache writes) / 3.0 TB/s.
 """
 
@@ -79,7 +79,6 @@ def _rope_kernel(
     Q_HEADS: tl.constexpr,
     K_HEADS: tl.constexpr,
     HALF: tl.constexpr,
-    WRITE_KV: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
@@ -118,38 +117,40 @@ def _rope_kernel(
         K_HEADS,
         HALF,
     )
-    if WRITE_KV:
-        slot = tl.load(slot_ptr + tok).to(tl.int64)
-        # Padding tokens (CUDA-graph buckets) may carry slot -1: nothing to store.
-        if slot >= 0:
-            h = tl.arange(0, K_HEADS)
-            mask = (h[:, None] < n_k_heads) & (d[None, :] < half)
-            dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_ct + h[:, None] * stride_ch
-            dst = dst + d[None, :]
-            ty = kc_ptr.dtype.element_ty
-            tl.store(kc_ptr + dst, k1.to(ty), mask=mask)
-            tl.store(kc_ptr + dst + half, k2.to(ty), mask=mask)
-            src = v_ptr + tok * stride_vt + h[:, None] * stride_vh + d[None, :]
-            tl.store(vc_ptr + dst, tl.load(src, mask=mask).to(ty), mask=mask)
-            tl.store(vc_ptr + dst + half, tl.load(src + half, mask=mask).to(ty), mask=mask)
+    slot = tl.load(slot_ptr + tok).to(tl.int64)
+    # Padding tokens (CUDA-graph buckets) may carry slot -1: nothing to store.
+    if slot >= 0:
+        h = tl.arange(0, K_HEADS)
+        mask = (h[:, None] < n_k_heads) & (d[None, :] < half)
+        dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_ct + h[:, None] * stride_ch
+        dst = dst + d[None, :]
+        ty = kc_ptr.dtype.element_ty
+        tl.store(kc_ptr + dst, k1.to(ty), mask=mask)
+        tl.store(kc_ptr + dst + half, k2.to(ty), mask=mask)
+        src = v_ptr + tok * stride_vt + h[:, None] * stride_vh + d[None, :]
+        tl.store(vc_ptr + dst, tl.load(src, mask=mask).to(ty), mask=mask)
+        tl.store(vc_ptr + dst + half, tl.load(src + half, mask=mask).to(ty), mask=mask)
 
 
-def _launch(q, k, v, positions, inv_freq, scaling, k_cache, v_cache, slot_mapping):
+def rope_write_kv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    rope: tuple[torch.Tensor, float],
+    kv_cache: tuple[torch.Tensor, torch.Tensor],
+    slot_mapping: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding of q [T, Hq, D] and k [T, Hk, D] at `positions` (rope = (inv_freq, scaling)), and the
+    rotated keys and the values stored at their slots of the paged cache, in one launch; returns the rotated
+    (q, k) as new tensors."""
+    (inv_freq, scaling), (k_cache, v_cache) = rope, kv_cache
     num_tokens, num_q_heads, head_dim = q.shape
     num_k_heads = k.shape[1]
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if k.stride(-1) != 1:
-        k = k.contiguous()
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    _check_cache(k_cache, v_cache)
     q_out = torch.empty((num_tokens, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
     k_out = torch.empty((num_tokens, num_k_heads, head_dim), dtype=k.dtype, device=k.device)
-    write = v is not None
-    if write:
-        _check_cache(k_cache, v_cache)
-        if v.stride(-1) != 1:
-            v = v.contiguous()
-    else:
-        v, k_cache, v_cache, slot_mapping = k, k_out, k_out, positions
     if num_tokens:
         half = head_dim // 2
         _rope_kernel[(num_tokens,)](
@@ -174,8 +175,8 @@ def _launch(q, k, v, positions, inv_freq, scaling, k_cache, v_cache, slot_mappin
             k_out.stride(0),
             k_out.stride(1),
             k_cache.stride(0),
-            k_cache.stride(1) if write else 0,
-            k_cache.stride(2) if write else 0,
+            k_cache.stride(1),
+            k_cache.stride(2),
             num_q_heads,
             num_k_heads,
             half,
@@ -183,30 +184,7 @@ def _launch(q, k, v, positions, inv_freq, scaling, k_cache, v_cache, slot_mappin
             Q_HEADS=next_pow2(num_q_heads),
             K_HEADS=next_pow2(num_k_heads),
             HALF=next_pow2(half),
-            WRITE_KV=write,
-            BLOCK_SIZE=k_cache.shape[1] if write else 1,
+            BLOCK_SIZE=k_cache.shape[1],
             num_warps=1 if interpreting() else 4,
         )
     return q_out, k_out
-
-
-def rope(
-    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary embedding, half-split. q [T, Hq, D], k [T, Hk, D], positions [T]; returns new tensors."""
-    return _launch(q, k, None, positions, inv_freq, scaling, None, None, None)
-
-
-def rope_write_kv(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    positions: torch.Tensor,
-    inv_freq: torch.Tensor,
-    scaling: float,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """rope, then write_kv of the rotated keys and the values, in one launch; returns the rotated (q, k)."""
-    return _launch(q, k, v, positions, inv_freq, scaling, k_cache, v_cache, slot_mapping)

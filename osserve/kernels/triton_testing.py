@@ -13,6 +13,7 @@ import torch
 
 from osserve.engine.batch import AttentionMetadata
 from osserve.kernels import reference
+from osserve.kernels.moe_weights import MoEWeights
 
 
 def assert_close(out: torch.Tensor, ref: torch.Tensor, what: str, tol: float = 2e-2) -> float:
@@ -159,31 +160,10 @@ class MoeInputs:
     x: torch.Tensor
     topk_weights: torch.Tensor
     topk_ids: torch.Tensor
-    w13_blocks: torch.Tensor
-    w13_scales: torch.Tensor
-    b13: torch.Tensor | None
-    w2_blocks: torch.Tensor
-    w2_scales: torch.Tensor
-    b2: torch.Tensor | None
-    limit: float
-    alpha: float
-    expert_offset: int
+    experts: MoEWeights
 
     def args(self) -> tuple:
-        return (
-            self.x,
-            self.topk_weights,
-            self.topk_ids,
-            self.w13_blocks,
-            self.w13_scales,
-            self.b13,
-            self.w2_blocks,
-            self.w2_scales,
-            self.b2,
-            self.limit,
-            self.alpha,
-            self.expert_offset,
-        )
+        return self.x, self.topk_weights, self.topk_ids, self.experts
 
 
 def moe_inputs(
@@ -208,21 +188,9 @@ def moe_inputs(
     skews = skew * torch.arange(num_experts, device=device) / num_experts
     logits = torch.randn(num_tokens, num_experts, generator=g, device=device) - skews
     weights, ids = reference.route(logits.to(dtype), top_k)
-    w13_blocks, w13_scales = random_mxfp4(num_local, 2 * inter, hidden, g)
-    w2_blocks, w2_scales = random_mxfp4(num_local, hidden, inter, g)
+    w13, w13_scales = random_mxfp4(num_local, 2 * inter, hidden, g)
+    w2, w2_scales = random_mxfp4(num_local, hidden, inter, g)
     b13 = torch.randn(num_local, 2 * inter, generator=g, device=device) * 0.5 if bias else None
     b2 = torch.randn(num_local, hidden, generator=g, device=device) * 0.5 if bias else None
-    return MoeInputs(
-        x=x.to(dtype),
-        topk_weights=weights,
-        topk_ids=ids,
-        w13_blocks=w13_blocks,
-        w13_scales=w13_scales,
-        b13=b13,
-        w2_blocks=w2_blocks,
-        w2_scales=w2_scales,
-        b2=b2,
-        limit=7.0,
-        alpha=1.702,
-        expert_offset=expert_offset,
-    )
+    experts = MoEWeights(w13, w13_scales, b13, w2, w2_scales, b2, 7.0, 1.702, expert_offset)
+    return MoeInputs(x=x.to(dtype), topk_weights=weights, topk_ids=ids, experts=experts)

@@ -47,9 +47,8 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        k_cache, v_cache = kv_cache
-        q, k = ops.rope_write_kv(q, k, v, positions, rope[0], rope[1], k_cache, v_cache, meta.slot_mapping)
-        o = ops.paged_attention(q, k_cache, v_cache, meta, self.sinks, self.scale)
+        q, k = ops.rope_write_kv(q, k, v, positions, rope, kv_cache, meta.slot_mapping)
+        o = ops.paged_attention(q, *kv_cache, meta, self.sinks, self.scale)
         out = self.o_proj(o.view(-1, self.q_size))
         if self.parallel.attention_replicated:
             return out

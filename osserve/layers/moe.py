@@ -13,6 +13,7 @@ from torch import nn
 from osserve.config import ModelConfig
 from osserve.distributed.parallel import ParallelConfig, combine_tokens, gather_tokens, split_range
 from osserve.kernels import KernelOps
+from osserve.kernels.moe_weights import MoEWeights
 
 
 def expert_range(cfg: ModelConfig, parallel: ParallelConfig) -> tuple[int, int]:
@@ -54,37 +55,27 @@ class MoE(nn.Module):
         # Added once: on moe-tp rank 0 only (the loader zeroes it elsewhere).
         self.w2_bias = buf(num_local, hidden, dt=torch.float32)
 
+    def experts(self) -> MoEWeights:
+        """The experts as the MoE ops take them (built per call: loading may replace the parameters)."""
+        if self.packed:
+            w13, w13_scales, w2, w2_scales = self.w13_blocks, self.w13_scales, self.w2_blocks, self.w2_scales
+        else:
+            w13, w13_scales, w2, w2_scales = self.w13, None, self.w2, None
+        return MoEWeights(
+            w13,
+            w13_scales,
+            self.w13_bias,
+            w2,
+            w2_scales,
+            self.w2_bias,
+            self.limit,
+            self.alpha,
+            self.expert_offset,
+        )
+
     def forward(self, x_local: torch.Tensor, ops: KernelOps) -> torch.Tensor:
         # Under attention data parallelism the experts serve the tokens of every rank.
         x = gather_tokens(x_local, self.parallel)
-        logits = self.router(x)
-        weights, ids = ops.route(logits, self.top_k)
-        if self.packed:
-            out = ops.moe_mxfp4(
-                x,
-                weights,
-                ids,
-                self.w13_blocks,
-                self.w13_scales,
-                self.w13_bias,
-                self.w2_blocks,
-                self.w2_scales,
-                self.w2_bias,
-                self.limit,
-                self.alpha,
-                self.expert_offset,
-            )
-        else:
-            out = ops.moe_dense(
-                x,
-                weights,
-                ids,
-                self.w13,
-                self.w13_bias,
-                self.w2,
-                self.w2_bias,
-                self.limit,
-                self.alpha,
-                self.expert_offset,
-            )
-        return combine_tokens(out, x_local, self.parallel)
+        weights, ids = ops.route(self.router(x), self.top_k)
+        moe = ops.moe_mxfp4 if self.packed else ops.moe_dense
+        return combine_tokens(moe(x, weights, ids, self.experts()), x_local, self.parallel)

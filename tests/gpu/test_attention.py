@@ -1,4 +1,4 @@
-"""Triton paged attention and write_kv against reference.py, on fresh random paged caches."""
+"""Triton paged attention against reference.py, on fresh random paged caches."""
 
 from __future__ import annotations
 
@@ -78,22 +78,3 @@ def test_padding_rows_untouched_and_bf16_vs_fp32_reference(device):
     out = triton_attention.paged_attention(*inp.args())
     ref = reference.paged_attention(*inp.args())
     assert_close(out[:5], ref[:5], "prefill with padding rows")
-
-
-@pytest.mark.parametrize("heads", HEADS[:2] + ([] if INTERPRET else [(64, 8, 64, 16)]))
-def test_write_kv(device, heads):
-    _, hk, d, bs = heads
-    g = torch.Generator().manual_seed(1)
-    num_blocks, num_tokens = 6, 9
-    slots = torch.randperm(num_blocks * bs, generator=g)[:num_tokens]
-    slots[3] = -1  # a padding token: stores nothing
-    # k and v as strided views of a fused qkv row, as the attention layer passes them.
-    qkv = torch.randn(num_tokens, 3 * hk * d, generator=g).to(device, torch.bfloat16)
-    k = qkv[:, hk * d : 2 * hk * d].view(num_tokens, hk, d)
-    v = qkv[:, 2 * hk * d :].view(num_tokens, hk, d)
-    caches = [torch.randn(num_blocks, bs, hk, d, generator=g).to(device, torch.bfloat16) for _ in range(2)]
-    want = [c.clone() for c in caches]
-    live = slots >= 0
-    reference.write_kv(k[live], v[live], want[0], want[1], slots[live].to(device))
-    triton_attention.write_kv(k, v, caches[0], caches[1], slots.to(device))
-    assert torch.equal(caches[0], want[0]) and torch.equal(caches[1], want[1])

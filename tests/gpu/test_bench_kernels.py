@@ -14,7 +14,7 @@ from tests.gpu.conftest import INTERPRET  # noqa: E402
 
 @pytest.mark.skipif(not INTERPRET, reason="checks the script under the interpreter; on a GPU run it directly")
 def test_smoke_writes_results_and_best_configs(tmp_path):
-    assert bench.main(["--smoke", "--only", "norm_rope,write_kv", "--out", str(tmp_path)]) == 0
+    assert bench.main(["--smoke", "--only", "norm_rope", "--out", str(tmp_path)]) == 0
     record = json.loads((tmp_path / "kernels.json").read_text())
     assert record["results"] and all(r["status"] == "ok" for r in record["results"])
     best = json.loads((tmp_path / "best_configs.json").read_text())
@@ -24,10 +24,10 @@ def test_smoke_writes_results_and_best_configs(tmp_path):
 @pytest.mark.skipif(not INTERPRET, reason="checks the script under the interpreter; on a GPU run it directly")
 def test_smoke_isolated_children(tmp_path):
     """Each suite in its own process (as on a GPU, where a faulting kernel poisons its process)."""
-    assert bench.main(["--smoke", "--isolate", "--only", "write_kv", "--out", str(tmp_path)]) == 0
+    assert bench.main(["--smoke", "--isolate", "--only", "norm_rope", "--out", str(tmp_path)]) == 0
     record = json.loads((tmp_path / "kernels.json").read_text())
-    assert [r["status"] for r in record["results"]] == ["ok"]
-    assert "write_kv T=3" in (tmp_path / "kernels.txt").read_text()
+    assert record["results"] and all(r["status"] == "ok" for r in record["results"])
+    assert "rope_write_kv T=3" in (tmp_path / "kernels.txt").read_text()
 
 
 def test_best_configs_prefers_the_config_fast_everywhere():
@@ -88,3 +88,16 @@ def test_moe_crossovers():
     assert table["moe_grouped"]["h-e32"]["MIN_PAIRS"] == 16384
     table = bench.best_configs(results[:-4] + [res("grouped", 32768, 7000)])
     assert table["moe_grouped"]["h-e32"]["MIN_PAIRS"] == 1 << 31  # never
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not INTERPRET, reason="checks the script under the interpreter; on a GPU run it directly")
+def test_step_profile_smoke():
+    """The step profile's code paths on the tiny preset (CPU op times stand in for kernel times)."""
+    from osserve.bench import kernel_profile
+
+    res = kernel_profile.profile(["tiny"], {"bytes_per_s": 1e12, "flops": 1e14}, lambda _: None, device="cpu")
+    assert set(res) == {"tiny decode b1", "tiny decode b5", "tiny prefill 2x9"}
+    for case in res.values():
+        assert case["step_ms"] > 0 and case["kernels"], case
+        assert sum(f["share"] for f in case["families"].values()) == pytest.approx(1.0)

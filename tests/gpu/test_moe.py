@@ -1,5 +1,6 @@
-"""Triton MXFP4 mixture of experts against reference.moe_mxfp4 in its three regimes (gemv v1 / v2, gemm,
-grouped), the Triton dequantize against reference.mxfp4_dequantize, regime choice, CUDA-graph replay."""
+"""Triton MXFP4 mixture of experts against reference.moe_mxfp4 in its three regimes (gemv, gemm with the
+byte and the word decode, grouped), the pair permutation, the Triton dequantize against
+reference.mxfp4_dequantize, regime choice, CUDA-graph replay."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from osserve.kernels import reference, triton_moe, triton_mxfp4  # noqa: E402
+from osserve.kernels import reference, triton_moe, triton_moe_pairs, triton_mxfp4  # noqa: E402
 from osserve.kernels.triton_testing import assert_close, moe_inputs, poison_cuda_allocator, random_mxfp4  # noqa: E402
 from tests.gpu.conftest import INTERPRET  # noqa: E402
 
@@ -28,38 +29,42 @@ def _reference(inp):
 def _gemm_cfgs() -> dict[str, dict]:
     if INTERPRET:
         base = triton_moe._INTERPRET_GEMM
-        return {"swap": base, "noswap-bk32": dict(base, SWAP=False, BLOCK_K=32)}
-    small, mid, large = (
-        triton_moe.GEMM_SMALL_DEFAULT,
-        triton_moe.GEMM_MID_DEFAULT,
-        triton_moe.GEMM_LARGE_DEFAULT,
-    )
+        return {
+            "word": base,
+            "word-noperm-noswap": dict(base, PERM=False, SWAP=False),
+            "byte-noswap-bk32": dict(base, WORD=False, SWAP=False, BLOCK_K=32),
+            "byte-m32": dict(base, WORD=False, BLOCK_M=32, BLOCK_K=64),
+        }
+    m16, m32, m64, m128 = (triton_moe.gemm_default(b) for b in ("m16", "m32", "m64", "m128"))
+    byte_small = {"WORD": False, "SWAP": False, "BLOCK_N": 128, "BLOCK_K": 128}
     # NOTE: the benchmark checks every config it sweeps against the twin; these cover each code path once.
     return {
-        "small": small,
-        "mid": mid,
-        "large": large,
-        "small-swap": dict(small, SWAP=True),
-        "small-scaled": dict(small, DOT_SCALED=True),
-        "large-scaled": dict(large, DOT_SCALED=True),
-        "mid-scaled-swap": dict(mid, DOT_SCALED=True),
-        "small-asm": dict(small, DEQUANT_ASM=True),
+        "m16": m16,
+        "m32": m32,
+        "m64": m64,
+        "m128": m128,
+        "m16-asm": dict(m16, DEQUANT_ASM=True),
+        "m64-noperm-noswap": dict(m64, PERM=False, SWAP=False),
+        # The first kernel's configurations ("small", "mid"), with tl.dot_scaled and the inline-PTX decode.
+        "m16-byte": dict(m16, **byte_small),
+        "m16-byte-scaled": dict(m16, **byte_small, DOT_SCALED=True),
+        "m16-byte-asm": dict(m16, **byte_small, DEQUANT_ASM=True),
+        "m64-byte-scaled": dict(m64, WORD=False, BLOCK_N=128, BLOCK_K=128, DOT_SCALED=True),
+        "m128-scaled": dict(m128, DOT_SCALED=True),
+        "m128-word-swap": dict(m128, WORD=True, SWAP=True, BLOCK_K=128, num_stages=2),
     }
 
 
 def _gemv_cfgs() -> dict[str, dict]:
     base = triton_moe._INTERPRET_GEMV if INTERPRET else triton_moe.GEMV_DEFAULT
-    v1 = triton_moe._INTERPRET_GEMV_V1 if INTERPRET else triton_moe.GEMV_V1
     cfgs = {
-        "v2": base,
-        "v2-noprefetch-bk32": dict(base, PREFETCH=False, BLOCK_K=32),
-        "v2-noperm": dict(base, PERM=False),
-        "v2-rows": dict(base, BLOCK_N=32, DOWN_BLOCK_N=2),
-        "v1-fused": v1,
-        "v1-unfused-bk32": dict(v1, BLOCK_K=32, FUSE_COMBINE=False),
+        "gemv": base,
+        "noprefetch-bk32": dict(base, PREFETCH=False, BLOCK_K=32),
+        "noperm": dict(base, PERM=False),
+        "rows": dict(base, BLOCK_N=32, DOWN_BLOCK_N=2),
     }
     if not INTERPRET:
-        cfgs.update({"v2-noasm": dict(base, DEQUANT_ASM=False), "v1-fused-asm": dict(v1, DEQUANT_ASM=True)})
+        cfgs["noasm"] = dict(base, DEQUANT_ASM=False)
     return cfgs
 
 
@@ -102,7 +107,7 @@ def test_moe_modes(device, shape, mode, cfg_name):
     assert_close(out, _reference(inp), f"moe {mode} {cfg}")
 
 
-EP_MODES = ["gemv", "gemv-v1", "gemv-v1-unfused", "gemm", "grouped"]
+EP_MODES = ["gemv", "gemm-word", "gemm-byte", "grouped"]
 
 
 @pytest.mark.parametrize("mode", EP_MODES)
@@ -112,11 +117,11 @@ def test_moe_expert_parallel_slice(device, mode, bias):
     route nowhere local at all)."""
     h, i, e, k = SHAPES[0]
     inp = moe_inputs(6, h, i, e, k, torch.bfloat16, device, seed=7, num_local=3, expert_offset=2, bias=bias)
+    gemm = list(_gemm_cfgs().values())
     cfg = {
-        "gemv": _gemv_cfgs()["v2"],
-        "gemv-v1": _gemv_cfgs()["v1-fused"],
-        "gemv-v1-unfused": dict(_gemv_cfgs()["v1-fused"], FUSE_COMBINE=False),
-        "gemm": next(iter(_gemm_cfgs().values())),
+        "gemv": _gemv_cfgs()["gemv"],
+        "gemm-word": gemm[0],
+        "gemm-byte": next(c for c in gemm if not c["WORD"]),
         "grouped": _grouped_cfgs()["grouped"],
     }[mode]
     out = triton_moe.moe_mxfp4_launch(*inp.args(), mode=mode.split("-")[0], cfg=cfg)
@@ -144,6 +149,11 @@ def test_choose_config_regimes():
     assert triton_moe.choose_config(max_pairs + 1, 32, 2880, 2880, "grouped")[0] == "grouped"
     # activations the grouped GEMMs cannot take stay on the Triton gemm
     assert triton_moe.choose_config(1 << 20, 32, 2880, 2880, "grouped", grouped_ok=False)[0] == "gemm"
+    if not INTERPRET:  # BLOCK_M follows the pairs per expert
+        block_m = [
+            triton_moe.choose_config(p, 128, 2880, 2880, "triton")[1]["BLOCK_M"] for p in (64, 1024, 8192)
+        ]
+        assert block_m == [16, 32, 128]
     with pytest.raises(ValueError, match="mode"):
         triton_moe.moe_mxfp4_launch(
             *moe_inputs(1, 64, 64, 8, 4, torch.bfloat16, "cpu").args(), mode="bogus", cfg={}
@@ -188,41 +198,56 @@ def test_moe_cuda_graph_replay(device, mode):
     assert_close(out, _reference(inp), f"moe {mode} graph replay")
 
 
-def test_moe_align_groups_every_local_pair_once(device):
+@pytest.mark.parametrize("block_m", [1, 16])
+@pytest.mark.parametrize("num_tokens", [13, 150])
+def test_align_pairs(device, block_m, num_tokens):
+    """The Triton permutation equals its twin (both deterministic), and the twin keeps the layout's promises:
+    each local pair in one slot, each expert's pairs in token order in one padded run, blocks of one expert,
+    sentinels everywhere else. 150 tokens spread the pairs over several programs."""
     h, i, e, k = SHAPES[0]
-    inp = moe_inputs(13, h, i, e, k, torch.bfloat16, device, seed=3, num_local=5, expert_offset=1, skew=2.0)
-    ids = inp.topk_ids.reshape(-1)
-    block_m, num_local = 16, 5
-    num_pairs = ids.numel()
-    max_blocks = -(-num_pairs // block_m) + min(num_pairs, num_local)
-    sorted_pairs = torch.full((max_blocks * block_m,), -7, dtype=torch.int32, device=device)
-    block_expert = torch.full((max_blocks,), -7, dtype=torch.int32, device=device)
-    num_padded = torch.zeros(1, dtype=torch.int32, device=device)
-    cursor = torch.empty(8, dtype=torch.int32, device=device)
-    triton_moe._moe_align_kernel[(1,)](
-        ids,
-        sorted_pairs,
-        block_expert,
-        num_padded,
-        cursor,
-        num_pairs,
-        1,
-        num_local,
-        max_blocks,
-        BLOCK_M=block_m,
-        E_PAD=8,
-        CHUNK=16,
-        CHUNK_B=16,
-        num_warps=1,
+    inp = moe_inputs(
+        num_tokens, h, i, e, k, torch.bfloat16, device, seed=3, num_local=5, expert_offset=1, skew=2
     )
-    local = ((ids - 1 >= 0) & (ids - 1 < num_local)).cpu()
-    total = int(num_padded)
-    sp, be = sorted_pairs.cpu(), block_expert.cpu()
-    assert total % block_m == 0 and total <= max_blocks * block_m
-    assert (sp[total:] == num_pairs).all()
-    got = sorted(int(p) for p in sp[:total] if p < num_pairs)
-    assert got == sorted(torch.nonzero(local).flatten().tolist())
-    for b in range(total // block_m):
-        rows = [int(p) for p in sp[b * block_m : (b + 1) * block_m] if p < num_pairs]
-        assert rows, f"block {b} is empty"
-        assert all(int(ids[p]) - 1 == int(be[b]) for p in rows), f"block {b} mixes experts"
+    ids = inp.topk_ids.reshape(-1).cpu()
+    num_pairs, num_local = ids.numel(), 5
+    lay = triton_moe_pairs.align_pairs(inp.topk_ids, 1, num_local, block_m)
+    ref = reference.align_pairs(inp.topk_ids, 1, num_local, block_m)
+    held = ((ids - 1 >= 0) & (ids - 1 < num_local)).to(device)
+    for name in ("slot_pair", "block_expert", "expert_end", "num_padded"):
+        assert torch.equal(getattr(lay, name), getattr(ref, name)), name
+    assert torch.equal(lay.pair_slot[held], ref.pair_slot[held]) and (ref.pair_slot[~held] == -1).all()
+    sp, be, ends = ref.slot_pair.cpu(), ref.block_expert.cpu(), ref.expert_end.cpu()
+    total = int(ref.num_padded)
+    assert total % block_m == 0 and total <= ref.max_blocks * block_m == sp.numel()
+    assert total == int(ends[-1]) and (sp[total:] == num_pairs).all()
+    start = 0
+    for x in range(num_local):
+        run = sp[start : int(ends[x])].tolist()
+        want = torch.nonzero(ids - 1 == x).flatten().tolist()
+        assert run[: len(want)] == want, f"expert {x}: pairs {run} want {want} in token order"
+        assert all(p == num_pairs for p in run[len(want) :]), f"expert {x}: padding is not the sentinel"
+        assert len(run) == -(-len(want) // block_m) * block_m
+        assert (be[start // block_m : int(ends[x]) // block_m] == x).all()
+        start = int(ends[x])
+    assert (be[total // block_m :] == num_local).all()
+    slots = ref.pair_slot.cpu()
+    for p in torch.nonzero(held.cpu()).flatten().tolist():
+        assert int(sp[int(slots[p])]) == p
+
+
+@pytest.mark.parametrize("by_slot", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_combine_pairs(device, by_slot, bias):
+    """Each token's top-k rows (directly or through the permutation), + b2, x routing weight, summed; pairs
+    of experts not held here add nothing."""
+    h, i, e, k = SHAPES[1]
+    inp = moe_inputs(9, h, i, e, k, torch.bfloat16, device, seed=5, num_local=4, expert_offset=1, bias=bias)
+    num_pairs = inp.topk_ids.numel()
+    g = torch.Generator(device=device).manual_seed(6)
+    y = torch.randn(num_pairs + 3, h, generator=g, device=device).to(torch.bfloat16)
+    slots = None
+    if by_slot:
+        slots = triton_moe_pairs.align_pairs(inp.topk_ids, 1, 4, 1).pair_slot
+    out = triton_moe_pairs.combine_pairs(y, inp.topk_weights, inp.topk_ids, inp.experts, slots, block=32)
+    ref = reference.combine_pairs(y, inp.topk_weights, inp.topk_ids, inp.experts, slots)
+    assert_close(out, ref, f"combine by_slot={by_slot}", tol=1e-2)
