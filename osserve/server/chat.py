@@ -90,8 +90,10 @@ class ChoiceState:
                 logprobs.append(chat_logprob(self.state.tokenizer, token, out.logprobs[j], self.top_logprobs))
             deltas += new
         if out.finish_reason is not None and not self.done:
-            deltas += self._flush()
-            self.finish(out.finish_reason)
+            deltas += self._filter(self.parser.end())
+            if not self.done:
+                deltas += self._flush()
+                self.finish(out.finish_reason)
         deltas = coalesce(deltas)
         for d in deltas:
             if d.kind == "reasoning":
