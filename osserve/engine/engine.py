@@ -15,6 +15,7 @@ from osserve.engine.request import Request, RequestStatus
 from osserve.engine.runner import ModelRunner, RequestStepResult, StepHandle
 from osserve.engine.scheduler import Scheduler
 from osserve.sampling_params import OutputKind, SamplingParams
+from osserve.structured import GrammarMatcher
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +116,8 @@ class EngineCore:
                 f"prompt plus max_tokens needs {need} KV blocks, the whole cache holds {self.kv.pool.num_usable}; "
                 "lower max_tokens or give the KV cache more memory"
             )
+        # Compiled once; the other samples of an n > 1 request copy its fresh state.
+        grammar = GrammarMatcher(params.structured) if params.structured is not None else None
         samples = []
         for i in range(params.n):
             req = Request(
@@ -125,6 +128,7 @@ class EngineCore:
                 eos_token_ids=self.eos_token_ids,
                 parent_id=request_id if params.n > 1 else None,
                 sample_index=i,
+                grammar=grammar.copy() if grammar is not None and i else grammar,
             )
             detok = self.tokenizer.detokenizer(params.skip_special_tokens) if self.tokenizer else None
             samples.append(_Sample(req, detok))
@@ -186,10 +190,10 @@ class EngineCore:
         return outputs
 
     def _needs_host_outputs(self) -> bool:
-        """Penalties and logits processors read the generated tokens on the host: no step may be in
-        flight when such a request is scheduled."""
+        """Penalties, logits processors and grammars read the generated tokens on the host: no step may be
+        in flight when such a request is scheduled."""
         return any(
-            r.sampling_params.needs_penalties or r.sampling_params.logits_processors
+            r.sampling_params.needs_penalties or r.sampling_params.logits_processors or r.grammar is not None
             for r in self.scheduler.running
         )
 
@@ -239,6 +243,10 @@ class EngineCore:
             sample.text += sample.detok.add(token)
         n_out = len(req.output_token_ids)
         status, reason = None, None
+        if req.grammar is not None and not req.grammar.accept(token):
+            logger.warning(
+                "request %s: token %d broke its %s grammar", req.request_id, token, req.grammar.kind
+            )
         if n_out >= p.min_tokens:
             if token in p.stop_token_ids:
                 status, reason = RequestStatus.FINISHED_STOPPED, token
@@ -248,6 +256,8 @@ class EngineCore:
                 hit = self._find_stop(sample, p, text_before)
                 if hit is not None:
                     status, reason = RequestStatus.FINISHED_STOPPED, hit
+        if status is None and req.grammar is not None and req.grammar.done:
+            status, reason = RequestStatus.FINISHED_STOPPED, token  # the grammar's end (or a broken one)
         if status is None and (n_out >= req.max_tokens or req.num_tokens >= self.max_seq_len):
             status = RequestStatus.FINISHED_LENGTH
         if status is not None:

@@ -27,6 +27,7 @@ from osserve.engine.kv_cache import FULL, NULL_BLOCK, SLIDING, RequestBlocks
 from osserve.engine.outputs import RequestOutput
 from osserve.engine.request import Request, RequestStatus
 from osserve.sampling_params import OutputKind, SamplingParams
+from osserve.structured import GrammarMatcher
 
 
 @dataclass(frozen=True)
@@ -298,6 +299,10 @@ class KVHandoff:
     def _restore(self, req: Request, state: HandoffState) -> None:
         p = req.sampling_params
         req.output_token_ids = list(state.output_token_ids)
+        if p.structured is not None:  # the grammar picks up where the other engine's left off
+            req.grammar = GrammarMatcher(p.structured)
+            for t in req.output_token_ids:
+                req.grammar.accept(t)
         req.cumulative_logprob = state.cumulative_logprob
         req.first_token_time = time.monotonic()
         # Only entries from the next token on are ever sent again; the earlier ones are placeholders.

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from osserve.sampling_params import SamplingParams
+from osserve.structured import GrammarMatcher
 
 
 class RequestStatus(enum.IntEnum):
@@ -72,6 +73,8 @@ class Request:
     num_prompt_logprobs_launched: int = 0
     cumulative_logprob: float = 0.0
     generator: torch.Generator | None = None
+    # Where the output stands in its grammar (SamplingParams.structured); advanced by each sampled token.
+    grammar: GrammarMatcher | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

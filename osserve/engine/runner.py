@@ -26,6 +26,7 @@ from osserve.engine.staging import to_device
 from osserve.kernels import select_ops
 from osserve.layers.sampler import Sampler, SamplingBatch, compute_logprobs
 from osserve.model.gpt_oss import GptOssModel
+from osserve.structured import fill_bitmasks
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ class ModelRunner:
         self.block_size = block_size
         self.model_config = model.config
         self.model.ops = select_ops(device.type, config.attention_backend, config.moe_config.backend)
-        self.sampler = Sampler()
+        self.sampler = Sampler(self.model.ops.apply_token_bitmask)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.vocab_size = model.config.vocab_size
         # Set by osserve.distributed on every rank of a parallel engine: entered around each forward, it keeps
@@ -292,8 +293,11 @@ class ModelRunner:
                     out = torch.tensor(r.output_token_ids, dtype=torch.int64, device=dev)
                     sb.output_counts[i].scatter_add_(0, out, torch.ones_like(out, dtype=torch.float32))
                 sb.prompt_mask[i, torch.tensor(r.prompt_token_ids, dtype=torch.int64, device=dev)] = True
+        grammar_rows: list[int] = []
         for i, r in enumerate(reqs):
             p = r.sampling_params
+            if r.grammar is not None:
+                grammar_rows.append(i)
             if p.seed is not None and not p.is_greedy:
                 if r.generator is None:
                     r.generator = torch.Generator(device=dev)
@@ -308,6 +312,13 @@ class ModelRunner:
                 sb.logits_processors.append((i, p.logits_processors, r.output_token_ids))
             if p.logprobs is not None:
                 sb.max_num_logprobs = max(sb.max_num_logprobs or 0, p.logprobs)
+        if grammar_rows:
+            # NOTE: the step is synchronous (EngineCore._needs_host_outputs), so each grammar has seen
+            # every token sampled so far.
+            bitmask = fill_bitmasks([reqs[i].grammar for i in grammar_rows])  # type: ignore[misc]
+            sb.token_bitmask, sb.bitmask_rows = to_device(
+                [bitmask, np.asarray(grammar_rows, dtype=np.int64)], dev
+            )
         return sb
 
     def run_model(self, batch: ForwardBatch) -> torch.Tensor:

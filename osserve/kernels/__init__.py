@@ -25,6 +25,7 @@ class KernelOps:
     # Later additions have the reference as default, so tables built without them keep working.
     rope_write_kv: Callable = reference.rope_write_kv
     route: Callable = reference.route
+    apply_token_bitmask: Callable = reference.apply_token_bitmask_
     # Safe to capture in a CUDA graph: no host syncs, launch shapes that depend only on tensor shapes.
     graph_safe: bool = False
 

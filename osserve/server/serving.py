@@ -24,6 +24,7 @@ from osserve.sampling_params import OutputKind, SamplingParams
 from osserve.server.errors import APIError, from_value_error
 from osserve.server.metrics import ServerMetrics
 from osserve.server.protocol import _Sampling
+from osserve.structured import StructuredOutput
 
 logger = logging.getLogger("osserve.server")
 
@@ -313,6 +314,7 @@ def sampling_params(
     stop_token_ids: list[int] | None = None,
     logprobs: int | None = None,
     param_names: dict[str, str] | None = None,
+    structured: StructuredOutput | None = None,
 ) -> SamplingParams:
     kwargs: dict[str, Any] = {
         "n": n,
@@ -323,6 +325,7 @@ def sampling_params(
         "min_tokens": req.min_tokens,
         "ignore_eos": req.ignore_eos,
         "output_kind": OutputKind.DELTA,
+        "structured": structured,
     }
     for name in _OPTIONAL:
         value = getattr(req, name)

@@ -15,6 +15,7 @@ import msgspec
 
 from osserve.engine.outputs import RequestOutput
 from osserve.sampling_params import OutputKind, SamplingParams
+from osserve.structured import StructuredOutput
 
 ROLES = ("prefill", "decode", "both")
 
@@ -190,6 +191,8 @@ def params_to_wire(params: SamplingParams) -> dict[str, Any]:
         f.name: getattr(params, f.name) for f in dataclasses.fields(params) if f.name != "logits_processors"
     }
     out["output_kind"] = params.output_kind.value
+    if params.structured is not None:
+        out["structured"] = dataclasses.asdict(params.structured)
     return out
 
 
@@ -200,4 +203,6 @@ def params_from_wire(data: dict[str, Any]) -> SamplingParams:
         raise ValueError(f"unknown sampling parameter(s) {', '.join(unknown)}")
     data = dict(data)
     data["output_kind"] = OutputKind(data.get("output_kind", OutputKind.DELTA.value))
+    if isinstance(data.get("structured"), dict):
+        data["structured"] = StructuredOutput(**data["structured"])
     return SamplingParams(**data)
