@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from osserve.harmony.encoding import VOCAB_SIZE
+from osserve.structured.grammar import StructuredOutput
+
 # A logits processor sees the tokens generated so far and the row of logits for the next one, and returns
 # the (possibly modified) row. It runs on the host side per request, so it costs a sync: use sparingly.
 LogitsProcessor = Callable[[list[int], "torch.Tensor"], "torch.Tensor"]  # noqa: F821
@@ -51,6 +54,9 @@ class SamplingParams:
     detokenize: bool = True
     output_kind: OutputKind = OutputKind.CUMULATIVE
     logits_processors: list[LogitsProcessor] = field(default_factory=list)
+    # A grammar the output must follow (osserve.structured builds it from a response format or a forced
+    # tool call); plain data, so it crosses process boundaries with the rest.
+    structured: StructuredOutput | None = None
 
     MAX_LOGPROBS = 20
 
@@ -108,6 +114,13 @@ class SamplingParams:
             raise ValueError("stop strings need detokenize (the text) on")
         if not isinstance(self.output_kind, OutputKind):
             raise bad("output_kind", f"one of {[k.value for k in OutputKind]}")
+        if self.structured is not None and not isinstance(self.structured, StructuredOutput):
+            raise bad("structured", "a StructuredOutput (osserve.structured) or None")
+        if self.structured is not None and self.min_tokens:
+            # NOTE: min_tokens blocks the stop tokens a finished grammar allows alone: no token would be left.
+            raise ValueError(
+                "min_tokens cannot be combined with a structured output (response_format / tool_choice)"
+            )
 
     @property
     def is_greedy(self) -> bool:
@@ -129,6 +142,10 @@ class SamplingParams:
                     raise ValueError(
                         f"prompt_token_ids[{i}] is {t!r}; token ids must be integers in [0, {vocab_size})"
                     )
+        if self.structured is not None and vocab_size != VOCAB_SIZE:
+            raise ValueError(
+                f"structured outputs need gpt-oss's vocabulary ({VOCAB_SIZE} tokens); this model has {vocab_size}"
+            )
         for t in self.stop_token_ids:
             if t >= vocab_size:
                 raise ValueError(f"stop_token_ids contains {t}; token ids must be in [0, {vocab_size})")
@@ -153,6 +170,8 @@ class SamplingParams:
             f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "logits_processors"
         }
         out["output_kind"] = self.output_kind.value
+        if self.structured is not None:
+            out["structured"] = dataclasses.asdict(self.structured)
         return out
 
     @classmethod
@@ -163,4 +182,6 @@ class SamplingParams:
             raise ValueError(f"unknown sampling parameter(s) {', '.join(unknown)}")
         data = dict(data)
         data["output_kind"] = OutputKind(data.get("output_kind", OutputKind.DELTA.value))
+        if isinstance(data.get("structured"), dict):
+            data["structured"] = StructuredOutput(**data["structured"])
         return cls(**data)

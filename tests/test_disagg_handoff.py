@@ -127,6 +127,40 @@ def test_resume_without_kv_replays_generated_tokens(engines):
     assert got == want
 
 
+def test_resume_replays_the_grammar_of_a_structured_request(engines):
+    """The decode side rebuilds the grammar and feeds it the tokens already generated: the continuation
+    equals one engine doing it all (without the replay the grammar would be lost, or stand at its start)."""
+    from osserve.harmony.formats import ResponseFormat
+    from osserve.harmony.render import render_chat
+    from osserve.structured import build_structured
+
+    ref, _, dec = engines
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}}}
+    structured = build_structured(ResponseFormat("r", {**schema, "required": ["n"]}), [], None, 24)
+    params = SamplingParams(
+        temperature=0.0, max_tokens=24, output_kind=OutputKind.DELTA, structured=structured
+    )
+    prompts = [render_chat([{"role": "user", "content": f"JSON {i}"}]) for i in range(3)]
+    want = _reference(ref, prompts, params)
+    hd = KVHandoff(dec.core)
+    got = {}
+    for i, p in enumerate(prompts):
+        k = 3 + 5 * i  # in the analysis header, the analysis text, the answer
+        got[str(i)] = list(want[str(i)][:k])
+        state = HandoffState(list(want[str(i)][:k]))
+        dec.adopt(
+            str(i),
+            lambda core, h, i=i, p=p, state=state: hd.start_resumed(str(i), p, params, state, h),
+            params,
+            p,
+            (state.output_token_ids, 0, 0.0),
+        )
+    while dec.has_unfinished():
+        for o in dec.step():
+            got[o.request_id].extend(o.outputs[0].token_ids)
+    assert got == want
+
+
 def test_release_and_cancel_free_every_block(engines):
     _, pre, dec = engines
     hp, hd = KVHandoff(pre.core), KVHandoff(dec.core)

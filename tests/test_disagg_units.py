@@ -30,6 +30,7 @@ from osserve.distributed.disagg.router import Router, overlap
 from osserve.engine.kv_cache import block_hashes
 from osserve.engine.outputs import CompletionOutput, RequestOutput
 from osserve.sampling_params import OutputKind, SamplingParams
+from osserve.structured import StructuredOutput
 
 
 @dataclass
@@ -138,6 +139,10 @@ def test_wire_messages_round_trip():
         decode([b"nope", b""])
     with pytest.raises(ValueError, match="unknown sampling parameter"):
         params_from_wire({"temperature": 1.0, "bogus": 1})
+    # A structured output's grammar travels as plain data.
+    structured = StructuredOutput("json_object", "start: x")
+    msg = Generate("r#2", "both", [1], params_to_wire(SamplingParams(max_tokens=5, structured=structured)))
+    assert params_from_wire(decode(encode(msg))[0].params).structured == structured
 
 
 # -- the RemoteEngine over an in-process worker -------------------------------------------------------------

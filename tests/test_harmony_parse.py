@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 import re
+import statistics
+import time
 
 import pytest
 from openai_harmony import Message, Role
@@ -12,13 +14,14 @@ from osserve.harmony.encoding import (
     CALL,
     CHANNEL,
     END,
+    ENDOFTEXT,
     MESSAGE,
     NUM_TEXT_TOKENS,
     RETURN,
     START,
     get_tokenizer,
 )
-from osserve.harmony.parse import OutputParser, parse_completion
+from osserve.harmony.parse import MAX_HEADER_TOKENS, OutputParser, parse_completion
 
 REASONING = "The user wants the weather 🌦 in Zürich; call get_weather."
 ANSWER = "Il fait 21 °C à Zürich 🦩 — 中文 too."
@@ -189,3 +192,101 @@ def test_output_without_any_header_becomes_content_with_an_error():
     done = parser.finish()
     assert done.error is not None and "header" in done.error
     assert streamed == done.content == tok.decode(ids)
+
+
+LONG_NAME = "mcp__atlassian__jira_get_issue_transitions_v2"
+# 64 characters (the longest name tools.py accepts) that tokenize into many pieces.
+LONGEST_NAME = "x9_" * 21 + "q"
+
+
+@pytest.mark.parametrize("name", [LONG_NAME, LONGEST_NAME])
+@pytest.mark.parametrize("first", ["analysis", "preamble", "none"])
+def test_long_tool_names_parse_after_another_message(tok, name, first):
+    assert len(tok.encode(name)) >= 14
+    before = {
+        "analysis": [msg(REASONING, "analysis")],
+        "preamble": [msg(PREAMBLE, "commentary")],
+        "none": [],
+    }[first]
+    ids = completion(tok, [*before, msg(ARGS, "commentary", f"functions.{name}")])
+    parser, deltas = stream(tok, ids)
+    result = parser.finish()
+    assert result.error is None
+    assert [(c.name, c.arguments) for c in result.tool_calls] == [(name, ARGS)]
+    assert result.content == (PREAMBLE if first == "preamble" else None)
+    assert joined(deltas, "tool_call") == ARGS and parser.finish_reason("stop") == "tool_calls"
+    assert comparable(parse_completion(ids, tok)) == comparable(result)
+
+
+def test_long_tool_name_with_the_recipient_in_the_channel(tok):
+    header = f"<|channel|>commentary to=functions.{LONGEST_NAME} <|constrain|>json<|message|>"
+    ids = completion(tok, [msg(REASONING, "analysis")])[:-1] + [END, START] + tok.encode("assistant")
+    ids += tok.encode(header, allow_special=True) + tok.encode(ARGS) + [CALL]
+    result = parse_completion(ids, tok)
+    assert result.error is None and result.content is None
+    assert [(c.name, c.arguments) for c in result.tool_calls] == [(LONGEST_NAME, ARGS)]
+
+
+@pytest.mark.parametrize("case", ["final", "analysis+final", "garbage"])
+def test_endoftext_is_never_text(tok, case):
+    if case == "garbage":
+        ids = tok.encode(" the quick brown fox" * 10) + [ENDOFTEXT]
+    else:
+        messages = (
+            [msg(ANSWER, "final")] if case == "final" else [msg(REASONING, "analysis"), msg(ANSWER, "final")]
+        )
+        ids = completion(tok, messages)[:-1] + [ENDOFTEXT]
+    parser, deltas = stream(tok, ids)
+    deltas += parser.end()
+    result = parser.finish()
+    assert "<|endoftext|>" not in (result.content or "") + (result.reasoning or "")
+    assert all("endoftext" not in d.text for d in deltas)
+    if case != "garbage":
+        assert result.content == ANSWER and result.error is None
+
+
+@pytest.mark.parametrize("stop", [[], [RETURN], [ENDOFTEXT]])
+def test_short_output_that_never_reaches_a_message_is_content(tok, stop):
+    """Fewer than MAX_HEADER_TOKENS tokens and no Harmony header: the text comes out as content with the
+    parser's error recorded, streamed (through `end()`) and not."""
+    ids = tok.encode("Hello there, general") + stop
+    assert len(ids) < MAX_HEADER_TOKENS
+    parser, deltas = stream(tok, ids)
+    assert deltas == []  # nothing is known to be content until the output ends
+    deltas = parser.end()
+    result = parser.finish()
+    assert joined(deltas, "content") == result.content == "Hello there, general"
+    assert result.error is not None and "before any message" in result.error
+    assert comparable(parse_completion(ids, tok)) == comparable(result)
+
+
+def test_a_real_header_cut_by_the_length_limit_shows_nothing(tok):
+    ids = completion(tok, [msg(REASONING, "analysis")])[:-1] + [END, START] + tok.encode("assistant")
+    ids += [CHANNEL] + tok.encode("final")
+    parser, _ = stream(tok, ids)
+    assert parser.end() == []
+    result = parser.finish()
+    assert (result.reasoning, result.content, result.error) == (REASONING, None, None)
+
+
+def test_cost_per_token_is_constant(tok):
+    """32k analysis tokens: the time per token at the end is within 2x of the time at the start (the state
+    of openai-harmony's parser, which serialises the whole message, is read on special tokens only)."""
+    parser = OutputParser(tok)
+    parser.process_many(tok.encode("<|channel|>analysis<|message|>", allow_special=True))
+    text = tok.encode(" the quick brown fox jumps over the lazy dog" * 4000)[:32768]
+    batch = 512
+
+    def per_token(ids):
+        t0 = time.perf_counter()
+        for t in ids:
+            parser.process(t)
+        return (time.perf_counter() - t0) / len(ids)
+
+    batches = [text[i : i + batch] for i in range(0, len(text), batch)]
+    start = [per_token(b) for b in batches[:5]]
+    for b in batches[5:-5]:
+        per_token(b)
+    end = [per_token(b) for b in batches[-5:]]
+    assert statistics.median(end) < 2 * statistics.median(start), (start, end)
+    assert parser.finish().num_reasoning_tokens == len(text)

@@ -19,6 +19,7 @@ from openai_harmony import (
 
 from osserve.harmony.encoding import get_encoding
 from osserve.harmony.errors import InvalidRequest
+from osserve.harmony.formats import ResponseFormat
 from osserve.harmony.render import PromptOptions, render_chat, render_responses
 
 DATE = "2025-06-28"
@@ -318,3 +319,70 @@ def test_invalid_responses_input_names_its_param(items, tools, param):
     with pytest.raises(InvalidRequest) as err:
         render_responses(items, tools=tools)
     assert err.value.param == param
+
+
+SHOPPING = {
+    "properties": {
+        "items": {"type": "array", "description": "entries on the shopping list", "items": {"type": "string"}}
+    },
+    "type": "object",
+}
+
+
+@pytest.mark.parametrize("with_tools", [True, False])
+@pytest.mark.parametrize("description", ["A shopping list", None])
+def test_response_format_section_as_the_spec_writes_it(enc, with_tools, description):
+    """The spec's "Structured output" developer message: `# Response Formats`, `## {name}`, an optional
+    `// {description}` line and the schema, after instructions and tools; everything else exactly as
+    openai-harmony renders it (the system message keeps its tools line)."""
+    fmt = ResponseFormat("shopping_list", SHOPPING, description)
+    messages = [{"role": "system", "content": "You are a helpful shopping assistant"}, CHAT[2]]
+    tools = CHAT_TOOLS if with_tools else None
+    got = render_chat(messages, tools, options=OPTS, encoding=enc, response_format=fmt)
+    plain = harmony(
+        enc,
+        [system(), developer("You are a helpful shopping assistant", with_tools), user("Weather in Paris?")],
+    )
+    end = plain.index(enc.encode("<|end|>", allowed_special="all")[0])
+    assert got[: end + 1] == plain[: end + 1], "the system message is openai-harmony's"
+    dev_text = enc.decode(plain[end + 1 :]).split("<|message|>", 1)[1].split("<|end|>", 1)[0]
+    section = "# Response Formats\n\n## shopping_list\n\n"
+    section += f"// {description}\n" if description else ""
+    section += (
+        '{"properties":{"items":{"type":"array","description":"entries on the shopping list",'
+        '"items":{"type":"string"}}},"type":"object"}'
+    )
+    expected = enc.encode(
+        f"<|start|>developer<|message|>{dev_text}\n\n{section}<|end|>"
+        "<|start|>user<|message|>Weather in Paris?<|end|><|start|>assistant",
+        allowed_special="all",
+    )
+    assert got[end + 1 :] == expected
+    # The Responses API renders the same from text.format.
+    items = [{"role": "user", "content": "Weather in Paris?"}]
+    tools_r = RESPONSES_TOOLS if with_tools else None
+    assert (
+        render_responses(
+            items,
+            "You are a helpful shopping assistant",
+            tools_r,
+            options=OPTS,
+            encoding=enc,
+            text_format=fmt,
+        )
+        == got
+    )
+
+
+def test_response_format_without_instructions_or_schema(enc):
+    msgs = [{"role": "user", "content": "hi"}]
+    got = enc.decode(
+        render_chat(msgs, options=OPTS, encoding=enc, response_format=ResponseFormat("r", {"type": "object"}))
+    )
+    assert '<|start|>developer<|message|># Response Formats\n\n## r\n\n{"type":"object"}<|end|>' in got
+    # json_object has no schema to show: the prompt is the plain one.
+    plain = render_chat(msgs, options=OPTS, encoding=enc)
+    assert (
+        render_chat(msgs, options=OPTS, encoding=enc, response_format=ResponseFormat("json_object", None))
+        == plain
+    )

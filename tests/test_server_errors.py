@@ -63,7 +63,7 @@ def test_non_object_body(server, body: bytes) -> None:
         ({"messages": USER, "max_tokens": 4, "min_tokens": 9}, "min_tokens"),
         ({"messages": USER, "tool_choice": "sometimes"}, "tool_choice"),
         ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
-        ({"messages": USER, "response_format": {"type": "json_object"}}, "response_format.type"),
+        ({"messages": USER, "response_format": {"type": "xml"}}, "response_format.type"),
     ],
 )
 def test_chat_bad_fields(server, body: dict, param: str) -> None:

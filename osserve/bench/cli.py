@@ -19,7 +19,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="benchmark a server (serve), plot saved results (plot), the engine (offline), its host path "
         "(host), the GPU kernels (kernels)",
     )
-    sub = bench.add_subparsers(dest="bench_command", metavar="{serve,plot,offline,host,kernels}", required=True)
+    sub = bench.add_subparsers(
+        dest="bench_command", metavar="{serve,plot,offline,host,kernels}", required=True
+    )
     add_serve_parser(sub)
     add_plot_parser(sub)
     # NOTE: offline's run returns its figures (a dict); `osserve` exits with what func returns.

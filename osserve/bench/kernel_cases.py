@@ -311,11 +311,49 @@ def _moe_cases(s: Setup) -> list[Case]:
     return moe_cases(s)
 
 
+def bitmask_cases(s: Setup) -> list[Case]:
+    """Grammar bitmask on the logits (structured outputs): rows of gpt-oss's vocabulary."""
+    from osserve.kernels import reference, triton_bitmask
+
+    vocab = 1000 if s.device == "cpu" else 201088
+    cases = []
+    for rows in (3,) if s.device == "cpu" else (1, 64, 256):
+
+        def make(rows=rows):
+            g = torch.Generator(device=s.device).manual_seed(rows)
+            logits = torch.randn(rows, vocab, generator=g, device=s.device)
+            bits = torch.randint(-(2**31), 2**31 - 1, (rows, -(-vocab // 32)), generator=g, device=s.device)
+            return logits, bits.to(torch.int32)
+
+        def run(a, c, fn=triton_bitmask.apply_token_bitmask_):
+            out = a[0].clone()
+            fn(out, a[1])
+            return out.clamp_min(-1e4)  # the checker wants finite values: -inf -> -1e4
+
+        cases.append(
+            Case(
+                "bitmask",
+                "v",
+                f"apply_token_bitmask_ rows={rows}",
+                make,
+                run,
+                lambda a: run(a, {}, reference.apply_token_bitmask_),
+                lambda a: a[0].numel() * 4 * 1.5 + a[1].numel() * 4,  # read all, write about half
+                lambda a: 0.0,
+                [{}],
+                tol=0.0,
+                timed=lambda a, c: triton_bitmask.apply_token_bitmask_(a[0], a[1]),
+            )
+        )
+    return cases
+
+
 SUITES: dict[str, Callable[[Setup], list[Case]]] = {
     "norm_rope": norm_rope_cases,
     "attention": attention_cases,
     "moe": _moe_cases,
+    "bitmask": bitmask_cases,
 }
 # Share of the sweep budget per suite (what a suite leaves unused passes on to the next). Past its
 # deadline a case still runs its default config, so every kernel is checked and timed once.
-BUDGET_SHARE = {"norm_rope": 0.05, "attention": 0.2, "moe": 0.75}
+BUDGET_SHARE = {"norm_rope": 0.05, "attention": 0.2, "moe": 0.74, "bitmask": 0.01}

@@ -24,6 +24,7 @@ from osserve.engine.request import Request, RequestStatus
 from osserve.engine.runner import ModelRunner, StepHandle, StepResult
 from osserve.engine.scheduler import Scheduler
 from osserve.sampling_params import SamplingParams
+from osserve.structured import GrammarMatcher
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +98,8 @@ class EngineCore:
         if any(handle + i in self.requests for i in range(params.n)):
             raise ValueError(f"request {request_id!r}: handle {handle} is already in use")
         max_tokens = self.check_request(prompt_token_ids, params)
+        # Compiled once; the other samples of an n > 1 request copy its fresh state.
+        grammar = GrammarMatcher(params.structured) if params.structured is not None else None
         samples = [
             Request(
                 request_id=request_id if params.n == 1 else f"{request_id}-{i}",
@@ -107,6 +110,7 @@ class EngineCore:
                 parent_id=request_id if params.n > 1 else None,
                 sample_index=i,
                 handle=handle + i,
+                grammar=grammar.copy() if grammar is not None and i else grammar,
             )
             for i in range(params.n)
         ]
@@ -197,6 +201,8 @@ class EngineCore:
         b.num_tokens[live_rows] += 1
         b.last_token[live_rows] = tokens
         finish = self._finish_codes(live_rows, tokens)
+        if b.num_grammar:
+            self._advance_grammars(live_rows, tokens, finish)
         out = EngineCoreOutputs(b.handle[live_rows], tokens.astype(np.int32), finish)
         if res.lp_ids is not None:
             lp_ids, lp_values, lp_ranks = (
@@ -233,6 +239,26 @@ class EngineCore:
             is_token, Finish.STOP_TOKEN, np.where(is_eos, Finish.EOS, np.where(length, Finish.LENGTH, 0))
         ).astype(np.int8)
 
+    def _advance_grammars(self, rows: np.ndarray, tokens: np.ndarray, finish: np.ndarray) -> None:
+        """Move each grammar past its sampled token; a grammar that reached its end (or broke) ends the
+        sample (finish "stop", the token as stop_reason)."""
+        b = self.batch
+        for i in np.flatnonzero(b.has_grammar[rows]).tolist():
+            req = b.reqs[rows[i]]
+            if self._advance_grammar(req, int(tokens[i])) and not finish[i]:
+                finish[i] = Finish.STOP_TOKEN
+
+    @staticmethod
+    def _advance_grammar(req: Request, token: int) -> bool:
+        """True once the request's grammar is done."""
+        g = req.grammar
+        assert g is not None
+        if not g.accept(token):
+            logger.warning(
+                "request %s: token %d broke its %s grammar: %s", req.request_id, token, g.kind, g.error
+            )
+        return g.done
+
     def _unheld(self, res: StepResult, idx: np.ndarray) -> EngineCoreOutputs:
         """Tokens of samples that left their row after the step was launched: a preempted sample keeps its
         token (it is valid; the recompute continues after it); a finished or aborted one drops it."""
@@ -246,6 +272,8 @@ class EngineCore:
             req.num_pending -= 1
             self.num_generated += 1
             code = self._finish_code(req, t)
+            if req.grammar is not None and self._advance_grammar(req, t) and not code:
+                code = Finish.STOP_TOKEN
             if req.sampling_params.logprobs is not None and res.lp_ids is not None:
                 lp_rows.append((len(handles), i))
             handles.append(req.handle)

@@ -18,6 +18,7 @@ from osserve.engine.runner import ModelRunner
 from osserve.model.default import DEFAULT_NAME, default_checkpoint
 from osserve.model.loader import load_model, load_random_model, parse_random_spec, resolve_model_path
 from osserve.model.standin import StandInModel, parse_standin_spec
+from osserve.structured.tokenizer import prepare_in_background
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +90,10 @@ def build_engine(
     device = resolve_device(config)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
+    if device.type == "cuda" and (parallel is None or parallel.rank == 0):
+        # Structured outputs' grammar tokenizer (a second of CPU), built while the model loads rather than
+        # on the first constrained request; CPU engines (tests) build it when first needed.
+        prepare_in_background()
     dtype = resolve_dtype(config, device)
     packed = device.type == "cuda" and config.moe_config.backend != "torch"
     random_spec = parse_random_spec(config.model)

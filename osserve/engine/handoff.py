@@ -30,6 +30,7 @@ from osserve.engine.kv_cache import FULL, NULL_BLOCK, SLIDING, RequestBlocks
 from osserve.engine.outputs import EngineCoreOutputs, Finish
 from osserve.engine.request import Request, RequestStatus
 from osserve.sampling_params import OutputKind, SamplingParams
+from osserve.structured import GrammarMatcher
 
 
 @dataclass(frozen=True)
@@ -296,6 +297,10 @@ class KVHandoff:
     def _restore(self, req: Request, state: HandoffState) -> None:
         p = req.sampling_params
         req.output_token_ids = list(state.output_token_ids)
+        if p.structured is not None:  # the grammar picks up where the other engine's left off
+            req.grammar = GrammarMatcher(p.structured)
+            for t in req.output_token_ids:
+                req.grammar.accept(t)
         if state.rng_state is not None and p.seed is not None:
             dev = self.core.runner.device
             gen = torch.Generator(device=dev)

@@ -52,7 +52,12 @@ class InputBatch:
         self.logprobs = np.full(r, -1, np.int64)  # top logprobs asked for (-1: none)
         self.special = np.zeros(r, np.bool_)
         self.prompt_logprobs = np.zeros(r, np.bool_)
-        self.num_sync = 0  # rows whose sampling reads the host-side history (penalties, logits processors)
+        # Rows whose sampling reads the host-side history (penalties, logits processors, grammars): while
+        # any runs, steps are synchronous.
+        self.sync = np.zeros(r, np.bool_)
+        self.num_sync = 0
+        self.has_grammar = np.zeros(r, np.bool_)
+        self.num_grammar = 0
         # KV bookkeeping mirrors of RequestBlocks: table entries held, registered and released per row.
         self.num_blocks = np.zeros(r, np.int64)
         self.num_registered = np.zeros(r, np.int64)
@@ -107,8 +112,12 @@ class InputBatch:
         self.min_p[row] = p.min_p
         self.greedy[row] = p.is_greedy
         self.logprobs[row] = -1 if p.logprobs is None else p.logprobs
-        sync = p.needs_penalties or bool(p.logits_processors)
+        grammar = req.grammar is not None
+        sync = p.needs_penalties or bool(p.logits_processors) or grammar
         self.special[row] = sync or (p.seed is not None and not p.is_greedy)
+        self.sync[row] = sync
+        self.has_grammar[row] = grammar
+        self.num_grammar += grammar
         self.prompt_logprobs[row] = p.prompt_logprobs is not None
         self.num_sync += sync
         self._params_dirty = True
@@ -130,8 +139,9 @@ class InputBatch:
         req._num_computed = int(self.num_computed[row])
         req._num_pending = int(self.num_pending[row])
         req.row, req._batch = -1, None
-        p = req.sampling_params
-        self.num_sync -= p.needs_penalties or bool(p.logits_processors)
+        self.num_sync -= int(self.sync[row])
+        self.num_grammar -= int(self.has_grammar[row])
+        self.sync[row] = self.has_grammar[row] = False
         self.reqs[row] = None
         self.handle[row] = -1
         self.num_active -= 1

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from osserve.sampling_params import SamplingParams
+from osserve.structured import GrammarMatcher
 
 if TYPE_CHECKING:
     from osserve.engine.input_batch import InputBatch
@@ -56,6 +57,7 @@ class Request:
         "num_preemptions",
         "num_prompt_logprobs_launched",
         "generator",
+        "grammar",
         "row",
         "_batch",
         "_num_computed",
@@ -72,6 +74,7 @@ class Request:
         parent_id: str | None = None,
         sample_index: int = 0,
         handle: int = -1,
+        grammar: GrammarMatcher | None = None,
     ):
         # The client's integer name for this sample: outputs travel keyed by it (EngineCoreOutputs).
         self.handle = handle
@@ -100,6 +103,8 @@ class Request:
         # overlapping steps never produce an entry twice).
         self.num_prompt_logprobs_launched = 0
         self.generator: torch.Generator | None = None
+        # Where the output stands in its grammar (SamplingParams.structured); advanced by each sampled token.
+        self.grammar = grammar
         # Row in the persistent batch while running (-1 otherwise).
         self.row = -1
         self._batch: InputBatch | None = None

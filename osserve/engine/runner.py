@@ -27,6 +27,7 @@ from osserve.engine.staging import to_device
 from osserve.kernels import select_ops
 from osserve.layers.sampler import Sampler, SamplingBatch, compute_logprobs
 from osserve.model.gpt_oss import GptOssModel
+from osserve.structured import fill_bitmasks
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ class ModelRunner:
         self.block_size = block_size
         self.model_config = model.config
         self.model.ops = select_ops(device.type, config.attention_backend, config.moe_config.backend)
-        self.sampler = Sampler()
+        self.sampler = Sampler(self.model.ops.apply_token_bitmask)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.vocab_size = model.config.vocab_size
         # Set by osserve.distributed on every rank of a parallel engine: entered around each forward, it keeps
@@ -294,6 +295,14 @@ class ModelRunner:
                 sb.logits_processors.append((i, p.logits_processors, r.output_token_ids))
         if any(reqs[i].sampling_params.needs_penalties for i in special):
             self._add_penalties(sb, reqs)
+        grammar_rows = [i for i in special if reqs[i].grammar is not None]
+        if grammar_rows:
+            # NOTE: the step is synchronous (InputBatch.sync), so each grammar has seen every token sampled
+            # so far.
+            bitmask = fill_bitmasks([reqs[i].grammar for i in grammar_rows])  # type: ignore[misc]
+            sb.token_bitmask, sb.bitmask_rows = to_device(
+                [bitmask, np.asarray(grammar_rows, dtype=np.int64)], self.device
+            )
         return sb
 
     def _add_penalties(self, sb: SamplingBatch, reqs: list[Request]) -> None:

@@ -13,6 +13,15 @@ Malformed output never raises. On the first error openai-harmony reports, the pa
 offending token on, so a random-weight model still produces visible text. Header tokens that were
 buffered when the error struck are lost. An unfinished UTF-8 character at the very end is dropped, the
 same way openai-harmony drops it, so streamed and non-streamed results agree.
+
+Text that never became Harmony is not swallowed: a header without any Harmony structure (no `<|start|>`,
+`<|channel|>` or `<|constrain|>`, not `to=...`) longer than MAX_HEADER_TOKENS, a structured one longer
+than MAX_STRUCTURED_HEADER_TOKENS, or (at `end()`) such unstructured text when the output stops, comes
+out as content with the error recorded. A structured header cut off by the length limit shows nothing.
+`<|endoftext|>` is an end of output, never text.
+
+Cost per token is constant: openai-harmony's `StreamableParser.state` serialises the whole current
+message, so it is read only after special tokens, the only ones that can change it.
 """
 
 from __future__ import annotations
@@ -24,13 +33,26 @@ from typing import Literal
 
 from openai_harmony import Role, StreamableParser, StreamState
 
-from osserve.harmony.encoding import IncrementalDetokenizer, Tokenizer, get_tokenizer
+from osserve.harmony.encoding import (
+    CHANNEL,
+    CONSTRAIN,
+    ENDOFTEXT,
+    NUM_TEXT_TOKENS,
+    START,
+    IncrementalDetokenizer,
+    Tokenizer,
+    get_tokenizer,
+)
 
 DeltaKind = Literal["reasoning", "content", "tool_call"]
-# A real header (`<|channel|>analysis<|message|>`, `to=functions.x<|channel|>commentary <|constrain|>json
-# <|message|>`) is 3 to ~15 tokens; output that runs this long without reaching a message body is not
-# Harmony (a random-weight model's), and is shown as content rather than swallowed.
+# A header with no Harmony structure yet (a random-weight model's plain text) is given up on after this
+# many tokens and shown as content rather than swallowed.
 MAX_HEADER_TOKENS = 24
+# A structured header (`<|end|><|start|>assistant to=functions.NAME<|channel|>commentary <|constrain|>json
+# <|message|>`) holds a role, a recipient of up to 64 characters (tools.py's name rule; a token per character
+# at worst), a channel and a content type: well under this.
+MAX_STRUCTURED_HEADER_TOKENS = 128
+_HEADER_MARKERS = frozenset((START, CHANNEL, CONSTRAIN))
 _ID_ALPHABET = string.ascii_letters + string.digits
 
 
@@ -86,27 +108,36 @@ class OutputParser:
         self.num_tokens = 0  # tokens fed so far
         self.error: str | None = None
         self._header_ids: list[int] = []  # tokens fed since the last message body ended
+        self._structured = False  # the header in `_header_ids` has shown Harmony structure
+        self._in_content = False  # the parser's state is CONTENT (read after special tokens only)
 
     def process(self, token_id: int) -> list[Delta]:
         """Feed one token; return the deltas it completes (often none)."""
         self.num_tokens += 1
+        if token_id == ENDOFTEXT:
+            return []  # the model's end of text: it ends generation, it is never text
         if self._fallback is not None:
             return self._emit("content", self._fallback.add(token_id))
+        special = not 0 <= token_id < NUM_TEXT_TOKENS
         try:
             self._parser.process(token_id)
-            in_content = self._parser.state == StreamState.CONTENT
+            if special:
+                self._in_content = self._parser.state == StreamState.CONTENT
         except BaseException as exc:  # noqa: BLE001 - pyo3 panics derive from BaseException
             if isinstance(exc, KeyboardInterrupt | SystemExit):
                 raise
             return self._fail(token_id, exc)
+        in_content = self._in_content
         deltas: list[Delta] = []
         if not in_content:
             self._header_ids.append(token_id)
-            if len(self._header_ids) > MAX_HEADER_TOKENS:
+            self._structured = self._structured or token_id in _HEADER_MARKERS
+            if len(self._header_ids) > MAX_HEADER_TOKENS and self._header_too_long():
                 ids, self._header_ids = self._header_ids, []
-                return self._fail_many(ids, f"no message body after {MAX_HEADER_TOKENS} header tokens")
-        else:
+                return self._fail_many(ids, f"no message body after {len(ids) - 1} header tokens")
+        elif self._header_ids:
             self._header_ids.clear()
+            self._structured = False
         if in_content and self._kind is None:
             deltas += self._begin_message()
         elif in_content:
@@ -120,6 +151,25 @@ class OutputParser:
     def process_many(self, token_ids: list[int]) -> list[Delta]:
         """Feed several tokens; adjacent deltas of the same message are merged (one stream chunk each)."""
         return coalesce([d for t in token_ids for d in self.process(t)])
+
+    def end(self) -> list[Delta]:
+        """The output is over. Text still waiting in a header that never showed Harmony structure (a short
+        output that never reached `<|message|>`) comes out as content, with the error recorded; a real
+        header cut short by the length limit shows nothing."""
+        if self._fallback is not None or self._structured or self._header_ids_are_specials():
+            return []
+        ids, self._header_ids = self._header_ids, []
+        return self._fail_many(ids, "that ended before any message began")
+
+    def _header_ids_are_specials(self) -> bool:
+        return all(not 0 <= t < NUM_TEXT_TOKENS for t in self._header_ids)
+
+    def _header_too_long(self) -> bool:
+        if not self._structured:
+            # A first header may begin with its recipient (` to=functions.NAME<|channel|>...`).
+            text = self.tokenizer.decode(self._header_ids).lstrip()
+            self._structured = text.startswith("to=")
+        return not self._structured or len(self._header_ids) > MAX_STRUCTURED_HEADER_TOKENS
 
     def finish(self) -> ParsedMessage:
         """Everything parsed so far, as one message."""
@@ -203,4 +253,5 @@ def parse_completion(token_ids: list[int], tokenizer: Tokenizer | None = None) -
     parser = OutputParser(tokenizer)
     for t in token_ids:
         parser.process(t)
+    parser.end()
     return parser.finish()

@@ -29,13 +29,15 @@ from openai_harmony import (
     Message,
     ReasoningEffort,
     RenderConversationConfig,
+    RenderOptions,
     Role,
     SystemContent,
     ToolDescription,
 )
 
-from osserve.harmony.encoding import get_encoding
+from osserve.harmony.encoding import MESSAGE, get_encoding
 from osserve.harmony.errors import InvalidRequest
+from osserve.harmony.formats import ResponseFormat, response_formats_section
 from osserve.harmony.tools import (
     parse_chat_tools,
     parse_reasoning_effort,
@@ -61,12 +63,13 @@ def render_chat(
     reasoning_effort: Any = None,
     options: PromptOptions | None = None,
     encoding: HarmonyEncoding | None = None,
+    response_format: ResponseFormat | None = None,
 ) -> list[int]:
     """Prompt token ids for a Chat Completions request (plain dicts), ending in `<|start|>assistant`.
 
     Raises `InvalidRequest` (with `param`) on a malformed request.
     """
-    conv = chat_conversation(messages, tools, tool_choice, reasoning_effort, options)
+    conv = chat_conversation(messages, tools, tool_choice, reasoning_effort, options, response_format)
     return render_conversation(conv, encoding)
 
 
@@ -78,10 +81,11 @@ def render_responses(
     reasoning: Any = None,
     options: PromptOptions | None = None,
     encoding: HarmonyEncoding | None = None,
+    text_format: ResponseFormat | None = None,
 ) -> list[int]:
     """Prompt token ids for a Responses API request: `input` (string or items), `instructions`,
-    function `tools`, `tool_choice` and `reasoning` ({"effort": ...})."""
-    conv = responses_conversation(input, instructions, tools, tool_choice, reasoning, options)
+    function `tools`, `tool_choice`, `reasoning` ({"effort": ...}) and a parsed `text.format`."""
+    conv = responses_conversation(input, instructions, tools, tool_choice, reasoning, options, text_format)
     return render_conversation(conv, encoding)
 
 
@@ -99,11 +103,12 @@ def chat_conversation(
     tool_choice: Any = None,
     reasoning_effort: Any = None,
     options: PromptOptions | None = None,
+    response_format: ResponseFormat | None = None,
 ) -> Conversation:
     """The Harmony `Conversation` of a Chat Completions request."""
     tool_list = tools_to_render(parse_chat_tools(tools), tool_choice)
     effort = parse_reasoning_effort(reasoning_effort)
-    return build_conversation(chat_turns(messages), tool_list, effort, options)
+    return build_conversation(chat_turns(messages), tool_list, effort, options, response_format)
 
 
 def responses_conversation(
@@ -113,6 +118,7 @@ def responses_conversation(
     tool_choice: Any = None,
     reasoning: Any = None,
     options: PromptOptions | None = None,
+    text_format: ResponseFormat | None = None,
 ) -> Conversation:
     """The Harmony `Conversation` of a Responses API request."""
     tool_list = tools_to_render(parse_responses_tools(tools), tool_choice)
@@ -122,7 +128,7 @@ def responses_conversation(
     if instructions is not None and not isinstance(instructions, str):
         raise InvalidRequest("instructions must be a string", "instructions")
     turns = [Turn("instructions", instructions, "instructions")] if instructions else []
-    return build_conversation(turns + responses_turns(input), tool_list, effort, options)
+    return build_conversation(turns + responses_turns(input), tool_list, effort, options, text_format)
 
 
 def build_conversation(
@@ -130,8 +136,10 @@ def build_conversation(
     tools: list[ToolDescription],
     effort: ReasoningEffort,
     options: PromptOptions | None = None,
+    response_format: ResponseFormat | None = None,
 ) -> Conversation:
-    """Turns + rendered tools + reasoning effort -> a Harmony `Conversation` (no generation prompt)."""
+    """Turns + rendered tools + reasoning effort (+ a response format's schema) -> a Harmony `Conversation`
+    (no generation prompt)."""
     opts = options or PromptOptions()
     system = (
         SystemContent.new()
@@ -148,9 +156,28 @@ def build_conversation(
         if tools:
             developer = developer.with_function_tools(tools)
         messages.append(Message.from_role_and_content(Role.DEVELOPER, developer))
+    if response_format is not None and response_format.schema is not None:
+        messages = _with_response_format(messages, response_formats_section(response_format), bool(tools))
     body = [t for t in turns if t.kind != "instructions"]
     messages += _drop_finished_reasoning(_body_messages(body))
     return Conversation.from_messages(messages)
+
+
+def _with_response_format(messages: list[Message], section: str, has_tools: bool) -> list[Message]:
+    """The system and developer messages with the spec's `# Response Formats` section last in the developer
+    message. NOTE: openai-harmony 0.0.8 cannot render response formats, so both messages become the text
+    it renders for them (the system message's "Calls to these tools..." line depends on the developer
+    message holding tools), and the section is appended to the developer text."""
+    enc = get_encoding()
+    options = RenderOptions(conversation_has_function_tools=has_tools)
+
+    def text_of(message: Message) -> str:
+        ids = enc.render(message, options)
+        return enc.decode_utf8(ids[ids.index(MESSAGE) + 1 : -1])  # between <|message|> and <|end|>
+
+    system = Message.from_role_and_content(Role.SYSTEM, text_of(messages[0]))
+    developer = f"{text_of(messages[1])}\n\n{section}" if len(messages) > 1 else section
+    return [system, Message.from_role_and_content(Role.DEVELOPER, developer)]
 
 
 def _body_messages(turns: list[Turn]) -> list[Message]:

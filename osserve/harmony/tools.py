@@ -47,8 +47,8 @@ def parse_responses_tools(tools: Any) -> list[ToolDescription]:
 def tools_to_render(tools: list[ToolDescription], tool_choice: Any) -> list[ToolDescription]:
     """The tools the prompt should show for this `tool_choice`.
 
-    "auto" / "required" / a named function keep all tools ("required" and named choices are not enforced:
-    there is no constrained decoding yet); "none" shows none.
+    "auto" / "required" / a named function keep all tools (osserve.structured enforces the call to the
+    required / named ones); "none" shows none.
     """
     if tool_choice is None or tool_choice in ("auto", "required"):
         return tools

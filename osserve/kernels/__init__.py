@@ -22,6 +22,8 @@ class KernelOps:
     route: Callable
     moe_dense: Callable
     moe_mxfp4: Callable
+    # The grammar bitmask (structured outputs); the reference by default, so tables built without it work.
+    apply_token_bitmask: Callable = reference.apply_token_bitmask_
     # Safe to capture in a CUDA graph: no host syncs, launch shapes that depend only on tensor shapes.
     graph_safe: bool = False
 

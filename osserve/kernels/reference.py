@@ -292,3 +292,23 @@ def moe_mxfp4(
         )
 
     return _moe(x, topk_weights, topk_ids, experts, weights)
+
+
+def apply_token_bitmask_(
+    logits: torch.Tensor, bitmask: torch.Tensor, indices: torch.Tensor | None = None
+) -> None:
+    """Set to -inf, in place, the logits of tokens a grammar forbids.
+
+    logits [N, V] float; bitmask [M, W] int32, bit `t % 32` of word `t // 32` set where token t is allowed;
+    indices [M] int64: the logits row of each bitmask row (None: row i of both, M == N). Columns past
+    32 * W count as forbidden; bits past V are ignored.
+    """
+    vocab = logits.shape[-1]
+    shifts = torch.arange(32, device=bitmask.device, dtype=torch.int32)
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).flatten(-2)[:, :vocab].bool()
+    if allowed.shape[-1] < vocab:
+        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[-1]))
+    if indices is None:
+        logits.masked_fill_(~allowed, float("-inf"))
+    else:
+        logits[indices] = logits[indices].masked_fill(~allowed, float("-inf"))

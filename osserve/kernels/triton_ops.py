@@ -11,6 +11,7 @@ from __future__ import annotations
 from osserve.config import ATTENTION_BACKENDS, MOE_BACKENDS
 from osserve.kernels import KernelOps, reference
 from osserve.kernels.triton_attention import paged_attention
+from osserve.kernels.triton_bitmask import apply_token_bitmask_
 from osserve.kernels.triton_common import load_tuned_from_env
 from osserve.kernels.triton_moe import make_moe_op
 from osserve.kernels.triton_norm import add_rms_norm, rms_norm
@@ -40,4 +41,5 @@ def make_ops(attention_backend: str = "auto", moe_backend: str = "auto") -> Kern
         moe_mxfp4=make_moe_op(moe_backend) if moe else reference.moe_mxfp4,
         route=route if moe else reference.route,
         graph_safe=attn and moe,
+        apply_token_bitmask=apply_token_bitmask_,
     )

@@ -1,4 +1,5 @@
-"""Batched sampling on the device: penalties, temperature, top-k / top-p / min-p, seeds, logprobs.
+"""Batched sampling on the device: penalties, grammar bitmasks, temperature, top-k / top-p / min-p, seeds,
+logprobs.
 
 One call handles every row of the step; the only host sync is the caller's read of the sampled ids.
 Random rows draw exponential noise and take argmax(probs / noise) (equivalent to sampling from probs);
@@ -7,10 +8,12 @@ a seeded request draws its noise from its own generator, so its output does not 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from osserve.kernels import reference
 from osserve.sampling_params import LogitsProcessor
 
 
@@ -39,6 +42,10 @@ class SamplingBatch:
     logits_processors: list[tuple[int, list[LogitsProcessor], list[int]]] = field(default_factory=list)
     # Largest number of top logprobs any row asked for; None: no row wants logprobs.
     max_num_logprobs: int | None = None
+    # Grammar-constrained rows (None when no row has a grammar): [M, ceil(V / 32)] int32 allowed-token bits
+    # and [M] int64 the row of each.
+    token_bitmask: torch.Tensor | None = None
+    bitmask_rows: torch.Tensor | None = None
 
 
 @dataclass
@@ -67,18 +74,24 @@ def compute_logprobs(
 
 
 class Sampler:
+    def __init__(self, apply_token_bitmask: Callable = reference.apply_token_bitmask_):
+        # The op table's bitmask kernel (Triton on CUDA).
+        self.apply_token_bitmask = apply_token_bitmask
+
     def __call__(self, logits: torch.Tensor, sb: SamplingBatch) -> SamplerOutput:
         logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1) if sb.max_num_logprobs is not None else None
         if sb.output_counts is not None:
             logits = self._apply_penalties(logits, sb)
-        elif sb.blocked is not None or sb.logits_processors:
+        elif sb.blocked is not None or sb.logits_processors or sb.token_bitmask is not None:
             logits = logits.clone()  # edited in place below; the caller's logits stay as the model made them
         if sb.blocked is not None:
             logits[sb.blocked] = float("-inf")
         for row, procs, out_ids in sb.logits_processors:
             for proc in procs:
                 logits[row] = proc(out_ids, logits[row])
+        if sb.token_bitmask is not None:
+            self.apply_token_bitmask(logits, sb.token_bitmask, sb.bitmask_rows)
         greedy = logits.argmax(dim=-1)
         if sb.all_greedy:
             sampled = greedy

@@ -13,8 +13,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from osserve.engine.outputs import CompletionOutput
+from osserve.harmony.formats import parse_response_format
 from osserve.harmony.parse import Delta, OutputParser, coalesce
 from osserve.harmony.render import render_chat
+from osserve.harmony.tools import parse_chat_tools
+from osserve.server.constraints import request_constraint
 from osserve.server.errors import APIError, bad_request, from_value_error
 from osserve.server.logprobs import chat_logprob
 from osserve.server.protocol import ChatCompletionRequest
@@ -90,8 +93,10 @@ class ChoiceState:
                 logprobs.append(chat_logprob(self.state.tokenizer, token, out.logprobs[j], self.top_logprobs))
             deltas += new
         if out.finish_reason is not None and not self.done:
-            deltas += self._flush()
-            self.finish(out.finish_reason)
+            deltas += self._filter(self.parser.end())
+            if not self.done:
+                deltas += self._flush()
+                self.finish(out.finish_reason)
         deltas = coalesce(deltas)
         for d in deltas:
             if d.kind == "reasoning":
@@ -189,22 +194,32 @@ def _dump(models: list[Any] | None) -> list[dict[str, Any]] | None:
     return [m.model_dump(exclude_unset=True) for m in models] if models is not None else None
 
 
+def _dump_one(model: Any) -> dict[str, Any] | None:
+    return model.model_dump() if model is not None else None
+
+
 async def create_chat_completion(state: ServerState, req: ChatCompletionRequest, raw: Request) -> Response:
     state.check_model(req.model)
     state.require_ready()
-    if req.response_format is not None and req.response_format.type != "text":
-        raise bad_request(
-            f"response_format {req.response_format.type!r} is not supported yet; only 'text'",
-            "response_format.type",
-        )
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
     try:
-        prompt_ids = render_chat(_dump(req.messages), _dump(req.tools), req.tool_choice, _effort(req))
+        response_format = parse_response_format(_dump_one(req.response_format))
+        tools = parse_chat_tools(_dump(req.tools))
+        prompt_ids = render_chat(
+            _dump(req.messages),
+            _dump(req.tools),
+            req.tool_choice,
+            _effort(req),
+            response_format=response_format,
+        )
     except ValueError as e:
         raise from_value_error(e) from None
     tok = state.tokenizer
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    structured = await request_constraint(
+        response_format, tools, req.tool_choice, max_tokens, "tools[{}].function.parameters"
+    )
     top = (req.top_logprobs or 0) if req.logprobs else None
     params = sampling_params(
         req,
@@ -217,6 +232,7 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
             "logprobs": "top_logprobs",
         },
         detokenize=False,
+        structured=structured,
     )
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if any(not s for s in stops):

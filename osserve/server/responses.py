@@ -11,9 +11,12 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from osserve.harmony.formats import parse_text_format
 from osserve.harmony.parse import Delta
 from osserve.harmony.render import render_responses
+from osserve.harmony.tools import parse_responses_tools
 from osserve.server.chat import ChoiceState
+from osserve.server.constraints import request_constraint
 from osserve.server.errors import APIError, bad_request, from_value_error
 from osserve.server.protocol import ResponsesRequest
 from osserve.server.serving import (
@@ -176,10 +179,6 @@ def _check_supported(req: ResponsesRequest) -> None:
         )
     if req.background:
         raise bad_request("background responses are not supported", "background")
-    if req.text is not None and req.text.format is not None and req.text.format.type != "text":
-        raise bad_request(
-            f"text.format {req.text.format.type!r} is not supported yet; only 'text'", "text.format.type"
-        )
 
 
 async def create_response(state: ServerState, req: ResponsesRequest, raw: Request) -> Response:
@@ -189,12 +188,25 @@ async def create_response(state: ServerState, req: ResponsesRequest, raw: Reques
     effort = req.reasoning.effort if req.reasoning is not None else None
     items = req.input if isinstance(req.input, str) else [i.model_dump(exclude_unset=True) for i in req.input]
     tools = [t.model_dump(exclude_unset=True) for t in req.tools] if req.tools is not None else None
+    text_format = (
+        req.text.format.model_dump() if req.text is not None and req.text.format is not None else None
+    )
     try:
+        response_format = parse_text_format(text_format)
         prompt_ids = render_responses(
-            items, req.instructions, tools, req.tool_choice, {"effort": effort} if effort else None
+            items,
+            req.instructions,
+            tools,
+            req.tool_choice,
+            {"effort": effort} if effort else None,
+            text_format=response_format,
         )
+        parsed_tools = parse_responses_tools(tools)
     except ValueError as e:
         raise from_value_error(e, None, "input") from None
+    structured = await request_constraint(
+        response_format, parsed_tools, req.tool_choice, req.max_output_tokens, "tools[{}].parameters"
+    )
     tok = state.tokenizer
     params = sampling_params(
         req,
@@ -203,12 +215,13 @@ async def create_response(state: ServerState, req: ResponsesRequest, raw: Reques
         logprobs=req.top_logprobs,
         param_names={"max_tokens": "max_output_tokens", "logprobs": "top_logprobs"},
         detokenize=False,
+        structured=structured,
     )
     state.apply_hook("responses", req, prompt_ids, params)
     response_id = _new_id("resp")
     stream = state.submit("responses", response_id, prompt_ids, params, prompt_param="input")
     choice = ChoiceState(0, state, [], req.top_logprobs)
-    builder = ResponseBuilder(_snapshot(state, req, response_id, effort, tools or []))
+    builder = ResponseBuilder(_snapshot(state, req, response_id, effort, tools or [], text_format))
     if req.stream:
         return EventStream(_stream(stream, choice, builder), stream.aclose)
     try:
@@ -227,6 +240,7 @@ def _snapshot(
     response_id: str,
     effort: str | None,
     tools: list[dict[str, Any]],
+    text_format: dict[str, Any] | None,
 ) -> dict[str, Any]:
     return {
         "id": response_id,
@@ -245,7 +259,7 @@ def _snapshot(
         "tool_choice": req.tool_choice or "auto",
         "tools": tools,
         "reasoning": {"effort": effort or "medium", "summary": None},
-        "text": {"format": {"type": "text"}},
+        "text": {"format": text_format or {"type": "text"}},
         "truncation": req.truncation or "disabled",
         "user": req.user,
         "store": False,

@@ -24,6 +24,7 @@ from osserve.sampling_params import OutputKind, SamplingParams
 from osserve.server.errors import APIError, from_value_error
 from osserve.server.metrics import ServerMetrics
 from osserve.server.protocol import _Sampling
+from osserve.structured import StructuredOutput
 
 logger = logging.getLogger("osserve.server")
 
@@ -314,6 +315,7 @@ def sampling_params(
     logprobs: int | None = None,
     param_names: dict[str, str] | None = None,
     detokenize: bool = True,
+    structured: StructuredOutput | None = None,
 ) -> SamplingParams:
     """`detokenize` False: the endpoint reads token ids only (Harmony parsing), so the engine's client
     side makes no text."""
@@ -327,6 +329,7 @@ def sampling_params(
         "min_tokens": req.min_tokens,
         "ignore_eos": req.ignore_eos,
         "output_kind": OutputKind.DELTA,
+        "structured": structured,
     }
     for name in _OPTIONAL:
         value = getattr(req, name)
