@@ -111,16 +111,21 @@ def _sampling_of_running(eng: LLMEngine):
     return rows, eng.runner.prepare_sampling(b, rows, rows_t)
 
 
-def test_only_grammar_requests_make_steps_synchronous(core):
+def test_grammar_rows_keep_the_overlap_and_mask_only_their_rows(core):
+    """A grammar request does not make steps synchronous: the step's forward is queued before the previous
+    step is read back, and only its sampling waits for the grammar to see that token."""
     core.add_request("plain", prompt(), SamplingParams(max_tokens=4))
     core.step()
-    assert core.core.batch.num_sync == 0
     _, batch = _sampling_of_running(core)
-    assert batch.token_bitmask is None
+    assert not batch.grammars
     core.add_request("json", prompt(), params())
-    while core.core.batch.num_sync == 0:
+    while core.core.batch.num_grammar == 0:
         core.step()
+    assert core.core.batch.num_sync == 0
+    core.step()
+    assert core.core.inflight is not None  # the overlap held
     rows, batch = _sampling_of_running(core)
+    core.runner._fill_grammar_masks(batch)
     assert batch.token_bitmask is not None and batch.bitmask_rows.tolist() == [
         i for i, r in enumerate(rows.tolist()) if core.core.batch.reqs[r].grammar is not None
     ]

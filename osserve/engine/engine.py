@@ -152,6 +152,9 @@ class EngineCore:
         # Penalties and logits processors read the generated tokens on the host: no step may be in flight
         # when such a request is scheduled.
         overlap = not self.config.disable_overlap_scheduler and self.batch.num_sync == 0
+        # Grammars must see the previous step's tokens before this step samples: the forward is queued first
+        # (the device runs it while the host reads the previous step back), the sampling after.
+        defer = overlap and self.batch.num_grammar > 0
         parts: list[EngineCoreOutputs] = []
         if self.inflight is not None and not overlap:
             parts.append(self._finish(self.inflight))
@@ -160,12 +163,14 @@ class EngineCore:
         handle = None
         if not sched.is_empty:
             self.num_steps += 1
-            handle = self.runner.launch(sched, self.batch)
+            handle = self.runner.launch(sched, self.batch, defer_sampling=defer)
             self.batch.num_computed[sched.rows] += sched.num_new
             self.batch.num_pending[handle.sample_rows] += 1
         # While the device runs the new step, read back and process the previous one.
         if self.inflight is not None:
             parts.append(self._finish(self.inflight))
+        if handle is not None:
+            self.runner.sample(handle, self.batch)
         self.inflight = handle
         if handle is not None and not overlap:
             parts.append(self._finish(handle))

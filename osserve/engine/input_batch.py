@@ -52,8 +52,8 @@ class InputBatch:
         self.logprobs = np.full(r, -1, np.int64)  # top logprobs asked for (-1: none)
         self.special = np.zeros(r, np.bool_)
         self.prompt_logprobs = np.zeros(r, np.bool_)
-        # Rows whose sampling reads the host-side history (penalties, logits processors, grammars): while
-        # any runs, steps are synchronous.
+        # Rows whose sampling reads the host-side history (penalties, logits processors): while any runs,
+        # steps are synchronous. Grammar rows only defer their step's sampling (EngineCore._step).
         self.sync = np.zeros(r, np.bool_)
         self.num_sync = 0
         self.has_grammar = np.zeros(r, np.bool_)
@@ -113,8 +113,8 @@ class InputBatch:
         self.greedy[row] = p.is_greedy
         self.logprobs[row] = -1 if p.logprobs is None else p.logprobs
         grammar = req.grammar is not None
-        sync = p.needs_penalties or bool(p.logits_processors) or grammar
-        self.special[row] = sync or (p.seed is not None and not p.is_greedy)
+        sync = p.needs_penalties or bool(p.logits_processors)
+        self.special[row] = sync or grammar or (p.seed is not None and not p.is_greedy)
         self.sync[row] = sync
         self.has_grammar[row] = grammar
         self.num_grammar += grammar

@@ -27,7 +27,7 @@ from osserve.engine.staging import to_device
 from osserve.kernels import select_ops
 from osserve.layers.sampler import Sampler, SamplingBatch, compute_logprobs
 from osserve.model.gpt_oss import GptOssModel
-from osserve.structured import fill_bitmasks
+from osserve.structured import allocate_bitmask, fill_bitmasks
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,8 @@ class StepHandle:
     host: list[torch.Tensor | None] = field(default_factory=list)
     event: torch.cuda.Event | None = None
     prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
+    # (logits, sampling rows on the device, SamplingBatch) of a step whose sampling is not queued yet.
+    pending: tuple[torch.Tensor, torch.Tensor, SamplingBatch] | None = None
 
 
 @dataclass
@@ -295,15 +297,25 @@ class ModelRunner:
                 sb.logits_processors.append((i, p.logits_processors, r.output_token_ids))
         if any(reqs[i].sampling_params.needs_penalties for i in special):
             self._add_penalties(sb, reqs)
-        grammar_rows = [i for i in special if reqs[i].grammar is not None]
-        if grammar_rows:
-            # NOTE: the step is synchronous (InputBatch.sync), so each grammar has seen every token sampled
-            # so far.
-            bitmask = fill_bitmasks([reqs[i].grammar for i in grammar_rows])  # type: ignore[misc]
-            sb.token_bitmask, sb.bitmask_rows = to_device(
-                [bitmask, np.asarray(grammar_rows, dtype=np.int64)], self.device
-            )
+        sb.grammars = [(i, reqs[i].grammar) for i in special if reqs[i].grammar is not None]
         return sb
+
+    def _fill_grammar_masks(self, sb: SamplingBatch) -> None:
+        """The allowed next tokens of the batch's grammar rows, as a bitmask on the device. Each grammar must
+        have seen every token its request sampled before (see EngineCore._step)."""
+        if not sb.grammars:
+            return
+        live = [(i, g) for i, g in sb.grammars if not g.done]
+        bitmask = allocate_bitmask(len(sb.grammars))
+        if live:
+            # NOTE: a grammar that ended (its request finished after this step was planned) allows anything:
+            # its token is dropped.
+            filled = fill_bitmasks([g for _, g in live])
+            at = {i: j for j, (i, _) in enumerate(sb.grammars)}
+            bitmask[[at[i] for i, _ in live]] = filled
+        sb.token_bitmask, sb.bitmask_rows = to_device(
+            [bitmask, np.asarray([i for i, _ in sb.grammars], dtype=np.int64)], self.device
+        )
 
     def _add_penalties(self, sb: SamplingBatch, reqs: list[Request]) -> None:
         dev, n, v = self.device, len(reqs), self.vocab_size
@@ -339,8 +351,9 @@ class ModelRunner:
         return self.model(batch, self.kv_caches)
 
     @torch.inference_mode()
-    def launch(self, sched: SchedulerOutput, b: InputBatch) -> StepHandle:
-        """Queue the step's device work; returns before it completes (on CUDA)."""
+    def launch(self, sched: SchedulerOutput, b: InputBatch, defer_sampling: bool = False) -> StepHandle:
+        """Queue the step's device work; returns before it completes (on CUDA). `defer_sampling`: queue the
+        forward and the logits only; `sample(handle)` queues the rest once the grammars are up to date."""
         batch, sample_rows, rows_t, prompt_spans = self.prepare_batch(sched, b)
         hidden = self.run_model(batch)
         handle = StepHandle(sched, sample_rows, b.handle[sample_rows])
@@ -349,7 +362,20 @@ class ModelRunner:
         if not len(sample_rows):
             return handle
         logits = self.model.compute_logits(hidden[batch.logits_indices])
-        out = self.sampler(logits, self.prepare_sampling(b, sample_rows, rows_t))
+        handle.pending = (logits, rows_t, self.prepare_sampling(b, sample_rows, rows_t))
+        if not defer_sampling:
+            self.sample(handle, b)
+        return handle
+
+    @torch.inference_mode()
+    def sample(self, handle: StepHandle, b: InputBatch) -> None:
+        """Queue the sampling of a launched step whose sampling was deferred (a no-op otherwise)."""
+        if handle.pending is None:
+            return
+        logits, rows_t, sb = handle.pending
+        handle.pending = None
+        self._fill_grammar_masks(sb)
+        out = self.sampler(logits, sb)
         # The next step's decode inputs read the sampled tokens from here, in stream order.
         b.last_token_dev.index_copy_(0, rows_t, out.sampled)
         device_out = [out.sampled, out.logprob_token_ids, out.logprobs, out.sampled_ranks]

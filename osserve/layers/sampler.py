@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -44,6 +45,8 @@ class SamplingBatch:
     max_num_logprobs: int | None = None
     # Grammar-constrained rows (None when no row has a grammar): [M, ceil(V / 32)] int32 allowed-token bits
     # and [M] int64 the row of each.
+    # Grammar rows (index, GrammarMatcher) while their bitmask is not filled yet (osserve.engine.runner).
+    grammars: list[tuple[int, Any]] = field(default_factory=list)
     token_bitmask: torch.Tensor | None = None
     bitmask_rows: torch.Tensor | None = None
 
