@@ -6,8 +6,15 @@
 # Suites (each logs to $R and prints its figures; everything under $R is packed into $OUT at the end):
 #   ceilings           device-to-device copy GB/s and bf16 matmul TFLOP/s of this GPU
 #   engine-test        tests/gpu/test_engine_gpu.py (the GPU path against the float32-anchored PyTorch path)
-#   kernel-tests       every Triton kernel against its PyTorch twin (tests/gpu, engine and parallel excluded)
-#   kernels            `osserve bench kernels` per-kernel shares (KBENCH_ARGS)
+#   kernel-tests       every Triton kernel against its PyTorch twin (tests/gpu but the engine and multi-GPU
+#                      files, a process per file so that Triton compiles on all cores)
+#   kernel-profile     per-kernel-family share of decode steps (batch 1 / 64 / 512) and a 16k prefill step
+#                      (MODELS, default 20b,120b), achieved GB/s and TFLOP/s against the measured ceilings; with
+#                      BASE set to a second checkout (e.g. .old), the same for its kernels and old against new
+#   kernel-sweep       the MoE micro-benchmark (--quick): tuned configs -> $R/sweep/best_configs.json
+#   structured         grammar mask time on this host; a server (MODEL) with 64 plain chat streams, then 64
+#                      json_schema streams (P10: within 15%), and every structured request kind checked valid
+#                      (needs llguidance and jsonschema with its needs in .whl)
 #   serve:NAME         `osserve serve` + `osserve bench serve` workloads, configured by the variables below
 #
 # serve:NAME reads, with defaults: MODEL (random:gpt-oss-20b), SERVE_ARGS (extra `osserve serve` flags),
@@ -48,14 +55,53 @@ suite_engine-test() {
 }
 
 suite_kernel-tests() {
-  timeout 500 python3 -m pytest -q -p no:cacheprovider -rfE tests/gpu --ignore=tests/gpu/test_engine_gpu.py \
-    --ignore=tests/gpu/test_parallel_gpu.py > "$R/kernels_gpu.log" 2>&1
-  echo "kernel tests rc $?"; grep -E "passed|failed|FAILED|Error" "$R/kernels_gpu.log" | tail -12
+  local f pids=()
+  for f in tests/gpu/test_*.py; do
+    case "$f" in *test_engine_gpu.py|*test_parallel_gpu.py) continue ;; esac
+    timeout "${KERNEL_TEST_TIMEOUT:-240}" python3 -m pytest "$f" -q -p no:cacheprovider -rfE \
+      > "$R/$(basename "$f" .py).log" 2>&1 &
+    pids+=($!)
+  done
+  for f in "${pids[@]}"; do wait "$f"; done
+  for f in "$R"/test_*.log; do echo "$(basename "$f" .log): $(tail -1 "$f")"; done
+  grep -h -E "^(FAILED|ERROR)" "$R"/test_*.log | head -20
 }
 
-suite_kernels() {
-  timeout 400 python3 -m osserve bench kernels ${KBENCH_ARGS:---quick} > "$R/kernels.log" 2>&1
-  echo "bench kernels rc $?"; tail -60 "$R/kernels.log"
+suite_kernel-profile() {
+  timeout "${PROFILE_TIMEOUT:-240}" python3 -m osserve bench kernels --only profile --models "${MODELS:-20b,120b}" \
+    --out "$R/profile-new" > "$R/profile-new.log" 2>&1
+  echo "profile rc $?"; grep -v "^USDT" "$R/profile-new.log" | tail -120
+  [ -n "${BASE:-}" ] && [ -d "$BASE/osserve" ] || return 0
+  cp osserve/bench/kernel_profile.py /tmp/kernel_profile.py
+  ( cd "$BASE" && PYTHONPATH=/tmp/site:$PWD timeout "${PROFILE_TIMEOUT:-240}" python3 /tmp/kernel_profile.py \
+      --models "${MODELS:-20b,120b}" --out "$R/profile-base" > "$R/profile-base.log" 2>&1 )
+  [ -f "$R/profile-base/profile.json" ] && [ -f "$R/profile-new/profile.json" ] && \
+    python3 /tmp/kernel_profile.py --compare "$R/profile-base/profile.json" "$R/profile-new/profile.json" \
+    | tee "$R/compare.txt"
+}
+
+suite_kernel-sweep() {
+  timeout "${SWEEP_TIMEOUT:-400}" python3 -m osserve bench kernels --quick --only moe --budget-s 200 \
+    --out "$R/sweep" > "$R/sweep.log" 2>&1
+  echo "sweep rc $?"; grep -E "^(moe|mxfp4)|ceilings|done in" "$R/sweep.log" | tail -80
+}
+
+suite_structured() {
+  timeout 120 python3 scripts/grammar_bench.py --libs llguidance --steps 300 2>&1 | tail -8
+  local name=structured extra
+  SITE=${PYTHONPATH%%:*}
+  serve_start "$name" || { kill $SERVER 2>/dev/null; return 1; }
+  local B="python3 -m osserve bench serve --base-url http://127.0.0.1:8000 --endpoint chat --disable-tqdm \
+    --num-warmups 1 --random-input-len 1000 --random-output-len 1000 --max-concurrency 64 --num-prompts 128 \
+    --save-result --result-dir $R"
+  timeout 240 $B --result-filename plain-64.json > "$R/bench-plain-64.log" 2>&1
+  echo "--- 64 plain chat streams"; grep -E "Output token throughput|Mean TPOT" "$R/bench-plain-64.log"
+  extra=$(python3 scripts/structured_check.py --print-extra-body)
+  timeout 240 $B --no-ignore-eos --extra-body "$extra" --result-filename json-64.json > "$R/bench-json-64.log" 2>&1
+  echo "--- 64 json_schema streams"; grep -E "Output token throughput|Mean TPOT" "$R/bench-json-64.log"
+  timeout 240 python3 scripts/structured_check.py --max-tokens 400 2>&1 | tail -12
+  grep -E "engine:" "$R/server-$name.log" | tail -3
+  kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null
 }
 
 opt() {  # opt NAME VAR DEFAULT: $NAME_VAR, else $VAR, else DEFAULT
