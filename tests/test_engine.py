@@ -315,3 +315,19 @@ def test_max_seq_len_is_capped_by_what_the_kv_cache_holds(tiny_ckpt):
         0
     ]
     assert out.finish_reason == "length" and len(out.token_ids) == core.max_seq_len - 3
+
+
+def test_prefill_warm_up_leaves_live_blocks_untouched(tiny_ckpt):
+    """The startup warm-up forwards write their K/V into the null block only: a request's output after it
+    equals its output before it."""
+    core = make_engine(tiny_ckpt)
+    prompts, lens = workload(n=2, seed=5)
+    before = run(core, prompts, [greedy(n) for n in lens])
+    kv_before = [t.clone() for t, _ in core.runner.kv_caches]
+    assert core.runner.warm_up([40, 17]) == [40, 17]
+    for old, (new, _) in zip(kv_before, core.runner.kv_caches, strict=True):
+        assert torch.equal(old[1:], new[1:])  # blocks other than the null block 0
+    after = run(core, prompts, [greedy(n) for n in lens])
+    assert [after[i].outputs[0].token_ids for i in range(2)] == [
+        before[i].outputs[0].token_ids for i in range(2)
+    ]

@@ -122,6 +122,7 @@ def build_engine(
         # Every rank's pool must hold the same blocks: rank 0's bookkeeping addresses them all.
         num_blocks = min_over_ranks(num_blocks)
     runner.allocate_kv_cache(num_blocks)
+    runner.warm_up()
     runner.capture_cuda_graphs()
     kv = KVCacheManager(
         num_blocks,

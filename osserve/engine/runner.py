@@ -133,6 +133,54 @@ class ModelRunner:
         ]
         self.kv_caches = [tensors[s] for s in kv_layer_slots(self.model_config.layer_types)]
 
+    @torch.inference_mode()
+    def warm_up(self, sizes: list[int] | None = None) -> list[int]:
+        """Run eager forwards of prefill sizes once, so that Triton compiles (and autotunes) the prefill
+        variants of its kernels at startup rather than inside the first prompts' steps. The K/V they write go
+        to the null block 0, which no live sequence reads. Returns the sizes run (none off CUDA unless given;
+        none for a parallel engine, whose ranks would have to join)."""
+        if sizes is None and (self.device.type != "cuda" or self.model.parallel.is_distributed):
+            return []
+        start = time.perf_counter()
+        budget = self.config.max_num_tokens
+        if sizes is None:
+            sizes = sorted({n for n in (budget, budget // 2, 1000, 100, 17) if 1 < n <= budget}, reverse=True)
+        for n in sizes:
+            positions = np.arange(n, dtype=np.int64)
+            ids, pos_t, slots, logits_t, qsl_t, lens_t = to_device(
+                [
+                    np.zeros(n, np.int64),
+                    positions,
+                    positions % self.block_size,
+                    np.asarray([n - 1], np.int64),
+                    np.asarray([0, n], np.int32),
+                    np.asarray([n], np.int32),
+                ],
+                self.device,
+            )
+            table = torch.zeros((1, -(-n // self.block_size)), dtype=torch.int32, device=self.device)
+            batch = ForwardBatch(
+                input_ids=ids,
+                positions=pos_t,
+                query_start_loc=qsl_t,
+                query_start_loc_cpu=[0, n],
+                seq_lens=lens_t,
+                seq_lens_cpu=[n],
+                full_block_table=table,
+                sliding_block_table=table,
+                full_slot_mapping=slots,
+                sliding_slot_mapping=slots,
+                logits_indices=logits_t,
+                sliding_window=self.model_config.sliding_window,
+                num_tokens=n,
+                max_query_len=n,
+            )
+            self.model.compute_logits(self.model(batch, self.kv_caches)[batch.logits_indices])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        logger.info("warmed up prefill sizes %s in %.1f s", sizes, time.perf_counter() - start)
+        return sizes
+
     def capture_cuda_graphs(self) -> None:
         """Capture decode graphs where they are safe: CUDA, graphs enabled, capture-safe (Triton) ops."""
         sizes = [s for s in self.config.cuda_graph_config.batch_sizes if s <= self.config.max_batch_size]
