@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import subprocess
+import sys
 from dataclasses import dataclass, field
 
 import pytest
@@ -279,6 +281,29 @@ def test_deployment_file(tmp_path):
             {"workers": [{"role": "prefill", "runtime": {"tensor_parallel_size": 2}}, {"role": "decode"}]},
             "multi-rank",
         ),
+        (
+            {"workers": [{"role": "prefill"}, {"role": "decode", "kv_transport": "cuda_ipc"}]},
+            r"workers\[1\]\.kv_transport is 'cuda_ipc' \(cuda_ipc was removed.*allowed: auto, zmq, nixl",
+        ),
     ]:
         with pytest.raises(ValueError, match=match):
             parse_deployment(bad)
+
+
+def test_an_unknown_kv_transport_is_refused_naming_the_valid_ones():
+    from osserve.distributed.disagg.worker import WorkerOptions
+
+    with pytest.raises(ValueError, match="kv_transport is 'ucx'; allowed: auto, zmq, nixl"):
+        WorkerOptions(role="decode", registry="tcp://127.0.0.1:1", kv_transport="ucx")
+    with pytest.raises(ValueError, match="kv_transfer_timeout"):
+        WorkerOptions(role="decode", registry="tcp://127.0.0.1:1", kv_transfer_timeout=0)
+    r = subprocess.run(
+        [sys.executable, "-m", "osserve", "worker", "--role", "decode", "--registry", "tcp://127.0.0.1:1"]
+        + ["--kv-transport", "cuda_ipc"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2
+    assert "kv_transport is 'cuda_ipc' (cuda_ipc was removed" in r.stderr
+    assert "allowed: auto, zmq, nixl" in r.stderr

@@ -3,14 +3,16 @@
 Roles (what the frontend sends it; the worker itself serves any mode):
 - prefill: requests stop after their first token; the prompt's KV stays held until a decode worker has
   pulled it (or the frontend releases it, or `kv_hold_timeout` passes).
-- decode: requests continue from a handoff: reserve blocks, pull the KV from the prefill worker, write it,
-  decode. Without a KV source (its prefill worker died) or when the pull fails, the prompt and the tokens
-  so far are recomputed here instead.
+- decode: requests continue from a handoff: reserve blocks, fetch the KV from the prefill worker into them
+  (kv_transfer.py: ZeroMQ bytes, or a NIXL READ, kv_nixl.py), decode. Without a KV source (its prefill
+  worker died), or when the fetch fails or passes its deadline, the prompt and the tokens so far are
+  recomputed here instead (counted by reason).
 - both: whole requests (aggregated serving; data parallel behind one frontend).
 
 Sockets (ZeroMQ): control ROUTER (frontends' DEALERs: Generate / Abort / StatsQuery in, Output / Failed /
 Stats out) and KV ROUTER (decode workers pull here). The worker registers under a lease in etcd or in the
-frontend's registry, as "loading" first and "ready" once the model is up; SIGTERM revokes the lease first.
+frontend's registry, as "loading" first and "ready" once the model is up (with its NIXL agent's metadata
+when its KV pool is registered); SIGTERM revokes the lease first.
 """
 
 from __future__ import annotations
@@ -34,16 +36,19 @@ from osserve.distributed.disagg.discovery import (
     EtcdRegistry,
     Registration,
     Registry,
+    RegistryError,
     RemoteRegistry,
     bind,
     workers_prefix,
 )
+from osserve.distributed.disagg.kv_nixl import NixlKVTransport, NixlPool, import_nixl
 from osserve.distributed.disagg.kv_transfer import (
+    PULL_TIMEOUT_S,
     KVServer,
     KVTransferError,
     KVTransport,
-    host_id,
-    make_transports,
+    TransferStats,
+    ZmqKVTransport,
 )
 from osserve.distributed.disagg.protocol import (
     ROLES,
@@ -55,13 +60,14 @@ from osserve.distributed.disagg.protocol import (
     Output,
     Stats,
     StatsQuery,
+    check_kv_transport,
     decode,
     encode,
     params_from_wire,
 )
 from osserve.engine.async_engine import AsyncEngine, EngineDeadError
 from osserve.engine.engine import EngineCore
-from osserve.engine.handoff import HandoffState, KVHandoff
+from osserve.engine.handoff import HandoffState, KVHandoff, ReservedBlocks
 from osserve.engine.outputs import RequestOutput
 from osserve.engine.request import RequestStatus
 
@@ -90,9 +96,13 @@ class WorkerOptions:
     namespace: str = "default"
     lease_ttl: float = 10.0
     worker_id: str | None = None
+    # How this worker pulls KV (auto | zmq | nixl) and what it serves besides ZeroMQ (nixl unless zmq).
     kv_transport: str = "auto"
     # Seconds a prefill worker holds a prompt's KV for a decode worker that never pulls it.
     kv_hold_timeout: float = 60.0
+    # Seconds a decode worker's KV fetch may take (asking the source, moving, writing) before it gives up
+    # and recomputes the prompt. NOTE: keep it under the prefill workers' kv_hold_timeout.
+    kv_transfer_timeout: float = PULL_TIMEOUT_S
     # Test hook: seconds to wait between reserving blocks and pulling the KV (widens the transfer phase).
     debug_transfer_delay: float = 0.0
 
@@ -101,6 +111,9 @@ class WorkerOptions:
             raise ValueError(f"role is {self.role!r}; allowed: {', '.join(ROLES)}")
         if (self.etcd is None) == (self.registry is None):
             raise ValueError("give exactly one of --etcd URL and --registry tcp://HOST:PORT (the frontend's)")
+        check_kv_transport(self.kv_transport)
+        if not self.kv_transfer_timeout > 0:
+            raise ValueError(f"kv_transfer_timeout must be > 0 seconds, got {self.kv_transfer_timeout}")
         if self.worker_id is None:
             self.worker_id = f"{self.role}-{pysocket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
@@ -140,7 +153,11 @@ class Worker:
         self.engine: AsyncEngine | None = None
         self.handoff: KVHandoff | None = None
         self.kv_server: KVServer | None = None
+        self.nixl_pool: NixlPool | None = None
+        # Best first: the first that can fetch from a source is used.
         self.transports: list[KVTransport] = []
+        self.transfer = TransferStats()
+        self.registry: Registry | None = None
         self.registration: Registration | None = None
         self.control: zmq.asyncio.Socket | None = None
         self.control_address = ""
@@ -167,7 +184,6 @@ class Worker:
             "role": self.opts.role,
             "state": self.state,
             "control_address": self.control_address,
-            "host_id": host_id(),
             "hostname": pysocket.gethostname(),
             "pid": os.getpid(),
             "model": self.engine.model_name if self.engine else None,
@@ -184,6 +200,8 @@ class Worker:
                 num_kv_blocks=core.kv.pool.num_usable,
                 device=str(core.runner.device),
             )
+        if self.nixl_pool is not None:
+            rec["nixl"] = self.nixl_pool.record()
         return rec
 
     def _registry(self) -> Registry:
@@ -197,6 +215,12 @@ class Worker:
             from osserve.server.tokenizer import load_tokenizer
 
             self.tokenizer = load_tokenizer()
+        nixl = None
+        if self.opts.kv_transport != "zmq":
+            nixl = import_nixl()
+            if nixl is None and self.opts.kv_transport == "nixl":
+                logger.error("kv_transport nixl needs NIXL: pip install nixl-cu13 (or osserve[nixl])")
+                return 1
         self.engine = engine = AsyncEngine(self.config, self.tokenizer)
         self.control = self.ctx.socket(zmq.ROUTER)
         self.control.setsockopt(zmq.LINGER, 0)
@@ -204,7 +228,7 @@ class Worker:
         self.control_address = self.control_address.replace(
             f"//{self.opts.host}:", f"//{self.opts.public_host}:"
         )
-        registry = self._registry()
+        self.registry = registry = self._registry()
         key = workers_prefix(self.opts.namespace) + self.worker_id
         self.registration = Registration(registry, key, self.opts.lease_ttl)
         engine.start()
@@ -220,7 +244,9 @@ class Worker:
                 self.state = "dead"
                 await self.registration.update(self.record())
                 return 1
-            await self._go_ready(stop)
+            if not await self._go_ready(stop, nixl):
+                self.state = "dead"
+                return 1
             await stop.wait()
         finally:
             logger.info("worker %s stopping", self.worker_id)
@@ -237,25 +263,43 @@ class Worker:
                 await self.kv_server.close()
             for t in self.transports:
                 t.close()
+            if self.nixl_pool is not None:
+                self.nixl_pool.close()
             await registry.close()
             self.control.close(0)
             await asyncio.get_running_loop().run_in_executor(None, engine.shutdown)
             self.ctx.term()
         return self.exit_code
 
-    async def _go_ready(self, stop: asyncio.Event) -> None:
+    async def _go_ready(self, stop: asyncio.Event, nixl: Any) -> bool:
+        """Serve KV and requests (False: NIXL was asked for by name and could not be set up)."""
         engine = self.engine
         assert engine is not None and engine.core is not None
-        self.handoff = KVHandoff(engine.core)
-        engine.after_step = self.handoff.after_step
+        self.handoff = handoff = KVHandoff(engine.core)
+        engine.after_step = handoff.after_step
+        if nixl is not None:
+            try:
+                self.nixl_pool = NixlPool.of(nixl, self.worker_id, engine.core)
+            except Exception as e:  # noqa: BLE001 - NIXL raises its own exception types
+                if self.opts.kv_transport == "nixl":
+                    logger.error("kv_transport nixl: cannot register the KV pool with NIXL: %r", e)
+                    return False
+                logger.warning("NIXL unavailable (%r); KV moves over ZeroMQ", e)
+        served = ["zmq"] + (["nixl"] if self.nixl_pool is not None else [])
         self.kv_server = KVServer(
-            engine, self.handoff, self.ctx, f"tcp://{self.opts.host}:{self.opts.kv_port}"
+            engine, handoff, self.ctx, f"tcp://{self.opts.host}:{self.opts.kv_port}", served
         )
         self.kv_server.address = self.kv_server.address.replace(
             f"//{self.opts.host}:", f"//{self.opts.public_host}:"
         )
         self.kv_server.start()
-        self.transports = make_transports(self.opts.kv_transport, engine, self.handoff, self.ctx)
+        timeout = self.opts.kv_transfer_timeout
+        if self.nixl_pool is not None:
+            self.transports.append(
+                NixlKVTransport(engine, handoff, self.ctx, timeout, self.nixl_pool, self._record_of)
+            )
+        if self.opts.kv_transport != "nixl":
+            self.transports.append(ZmqKVTransport(engine, handoff, self.ctx, timeout))
         await self._refresh()
         self._spawn(self._housekeeping(stop))
         self.state = "ready"
@@ -268,6 +312,16 @@ class Worker:
             self.control_address,
             self.kv_server.address,
         )
+        return True
+
+    async def _record_of(self, worker_id: str) -> dict[str, Any] | None:
+        """Another worker's registry record (for its NIXL agent's metadata)."""
+        assert self.registry is not None
+        key = workers_prefix(self.opts.namespace) + worker_id
+        try:
+            return (await self.registry.list(key)).get(key)
+        except RegistryError as e:
+            raise KVTransferError(f"registry: {e}") from None
 
     def _spawn(self, coro: Any) -> asyncio.Task:
         task = asyncio.ensure_future(coro)
@@ -353,7 +407,12 @@ class Worker:
     def _stats(self, query: StatsQuery) -> Stats:
         # Taken on the engine thread between two steps (housekeeping), so all of it is one consistent view.
         s = dict(self._engine_stats)
-        s.update(num_tasks=len(self.tasks), counters=dict(self.counters), aborted=dict(self.aborted))
+        s.update(
+            num_tasks=len(self.tasks),
+            counters=dict(self.counters),
+            aborted=dict(self.aborted),
+            kv_transfer=self.transfer.as_dict(),
+        )
         if self.kv_server is not None:
             s.update(kv_pulls_served=self.kv_server.num_pulls, kv_released=self.kv_server.num_released)
         current = self._hash_versions[self._hash_version]
@@ -457,9 +516,7 @@ class Worker:
             return Output(rid, out)
         assert self.kv_server is not None
         out.finished = False  # finished here, not for the client: a decode worker continues it
-        source = KVSource(
-            self.worker_id, self.kv_server.address, host_id(), rid, list(self.kv_server.transports)
-        )
+        source = KVSource(self.worker_id, self.kv_server.address, rid, list(self.kv_server.transports))
         handoff = Handoff(
             state.output_token_ids, state.num_sent_chars, state.cumulative_logprob, state.rng_state
         )
@@ -470,58 +527,75 @@ class Worker:
     ) -> Any:
         engine, handoff = self.engine, self.handoff
         assert engine is not None and handoff is not None
-        usable = [t for t in self.transports if source is not None and t.can_fetch(source)]
-        if source is not None and len(state.output_token_ids) == 1 and usable:
+        if source is not None and len(state.output_token_ids) == 1:
+            transport = next((t for t in self.transports if t.can_fetch(source)), None)
             try:
-                await self._reserve(rid, prompt, params)
-                try:
-                    if self.opts.debug_transfer_delay:
-                        await asyncio.sleep(self.opts.debug_transfer_delay)
-                    await self._fetch(usable, source, rid)
-                except BaseException:
-                    await engine.call(lambda core: handoff.release(rid), 30.0)
-                    raise
+                if transport is None:
+                    raise KVTransferError(
+                        f"no KV transport both sides serve (here: {[t.name for t in self.transports]}, "
+                        f"{source.worker_id}: {source.transports})",
+                        "unsupported",
+                    )
+                await self._fetch(transport, rid, prompt, params, source)
                 self.counters["kv_pulled"] += 1
                 return engine.adopt(rid, lambda core: handoff.start_continued(rid, state), params.output_kind)
             except KVTransferError as e:
+                self.transfer.fallback(e.reason)
                 logger.warning(
-                    "request %s: KV pull from %s failed (%s); recomputing the prompt here",
+                    "request %s: KV fetch from %s failed (%s: %s); recomputing the prompt here",
                     rid,
                     source.worker_id,
+                    e.reason,
                     e,
                 )
+                if transport is not None:
+                    transport.release(source)
         self.counters["kv_recomputed"] += 1
         return engine.adopt(
             rid, lambda core: handoff.start_resumed(rid, prompt, params, state), params.output_kind
         )
 
-    async def _reserve(self, rid: str, prompt: list[int], params: Any) -> None:
+    async def _fetch(
+        self, transport: KVTransport, rid: str, prompt: list[int], params: Any, source: KVSource
+    ) -> None:
+        """Reserve blocks and fetch the prompt's KV into them, then let the source free its copy. On any
+        failure (cancellation too) the reserved blocks are released: at once, or, while a transport may
+        still be writing them, when it has stopped."""
+        engine, handoff = self.engine, self.handoff
+        assert engine is not None and handoff is not None
+        fetching = False  # from then on the transport ends the pin of its reserved blocks
+        try:
+            reserved = await self._reserve(rid, prompt, params, transport.pins_blocks)
+            if self.opts.debug_transfer_delay:
+                await asyncio.sleep(self.opts.debug_transfer_delay)
+            start = time.monotonic()
+            fetching = True
+            result = await transport.fetch(source, rid, reserved)
+        except BaseException:
+
+            def undo(core: EngineCore) -> None:
+                if not fetching:
+                    handoff.end_import(rid)
+                handoff.release(rid)
+
+            await engine.call(undo, 30.0)
+            raise
+        self.transfer.add(transport.name, result, time.monotonic() - start)
+        transport.release(source)
+
+    async def _reserve(self, rid: str, prompt: list[int], params: Any, pin: bool) -> ReservedBlocks:
         engine, handoff = self.engine, self.handoff
         assert engine is not None and handoff is not None
         deadline = time.monotonic() + RESERVE_TIMEOUT_S
-        while not await engine.call(lambda core: handoff.reserve(rid, prompt, params), 30.0):
+        while True:
+            reserved = await engine.call(lambda core: handoff.reserve(rid, prompt, params, pin), 30.0)
+            if reserved is not None:
+                return reserved
             if time.monotonic() > deadline:
                 raise TimeoutError(
                     f"no room for the KV of {len(prompt)} prompt tokens in {RESERVE_TIMEOUT_S:.0f}s"
                 )
             await asyncio.sleep(0.02)
-
-    async def _fetch(self, transports: list[KVTransport], source: KVSource, rid: str) -> None:
-        last: KVTransferError | None = None
-        for transport in transports:
-            try:
-                await transport.fetch(source, rid)
-            except KVTransferError as e:
-                logger.warning("KV transport %s failed for %s: %s", transport.name, rid, e)
-                last = e
-                continue
-            # Received: the source may free its copy now.
-            await transport.release(source)
-            key = f"kv_pulled_{transport.name}"
-            self.counters[key] = self.counters.get(key, 0) + 1
-            return
-        assert last is not None
-        raise last
 
 
 async def serve_worker(worker: Worker) -> int:
