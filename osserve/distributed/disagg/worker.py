@@ -41,15 +41,9 @@ from osserve.distributed.disagg.discovery import (
     bind,
     workers_prefix,
 )
-from osserve.distributed.disagg.kv_nixl import NixlKVTransport, NixlPool, import_nixl
-from osserve.distributed.disagg.kv_transfer import (
-    PULL_TIMEOUT_S,
-    KVServer,
-    KVTransferError,
-    KVTransport,
-    TransferStats,
-    ZmqKVTransport,
-)
+from osserve.distributed.disagg.kv_import import KVImporter
+from osserve.distributed.disagg.kv_nixl import NixlPool, import_nixl
+from osserve.distributed.disagg.kv_transfer import PULL_TIMEOUT_S, KVServer, KVTransferError
 from osserve.distributed.disagg.protocol import (
     ROLES,
     Abort,
@@ -67,14 +61,12 @@ from osserve.distributed.disagg.protocol import (
 )
 from osserve.engine.async_engine import AsyncEngine, EngineDeadError
 from osserve.engine.engine import EngineCore
-from osserve.engine.handoff import HandoffState, KVHandoff, ReservedBlocks
+from osserve.engine.handoff import HandoffState, KVHandoff
 from osserve.engine.outputs import RequestOutput
 from osserve.engine.request import RequestStatus
 
 logger = logging.getLogger("osserve.disagg.worker")
 
-# How long a continued request waits for KV room before its frontend is told to try elsewhere.
-RESERVE_TIMEOUT_S = 30.0
 HASH_REFRESH_S = 0.5
 # An engine thread that has not come back between two steps for this long is hung (a stuck device, say).
 ENGINE_STALL_S = 120.0
@@ -154,9 +146,7 @@ class Worker:
         self.handoff: KVHandoff | None = None
         self.kv_server: KVServer | None = None
         self.nixl_pool: NixlPool | None = None
-        # Best first: the first that can fetch from a source is used.
-        self.transports: list[KVTransport] = []
-        self.transfer = TransferStats()
+        self.importer: KVImporter | None = None
         self.registry: Registry | None = None
         self.registration: Registration | None = None
         self.control: zmq.asyncio.Socket | None = None
@@ -173,7 +163,7 @@ class Worker:
         self._hash_versions: dict[int, set[int]] = {0: set()}
         self._hash_version = 0
         self._engine_stats: dict[str, Any] = {}
-        self.counters: dict[str, int] = {"requests": 0, "kv_pulled": 0, "kv_recomputed": 0, "held_expired": 0}
+        self.counters: dict[str, int] = {"requests": 0, "held_expired": 0}
         self.aborted: dict[str, int] = {"queued": 0, "prefill": 0, "transfer": 0, "decode": 0}
 
     # -- lifecycle -------------------------------------------------------------------------------------
@@ -261,8 +251,8 @@ class Worker:
             await asyncio.gather(serving, *self._bg, return_exceptions=True)
             if self.kv_server is not None:
                 await self.kv_server.close()
-            for t in self.transports:
-                t.close()
+            if self.importer is not None:
+                self.importer.close()
             if self.nixl_pool is not None:
                 self.nixl_pool.close()
             await registry.close()
@@ -293,13 +283,16 @@ class Worker:
             f"//{self.opts.host}:", f"//{self.opts.public_host}:"
         )
         self.kv_server.start()
-        timeout = self.opts.kv_transfer_timeout
-        if self.nixl_pool is not None:
-            self.transports.append(
-                NixlKVTransport(engine, handoff, self.ctx, timeout, self.nixl_pool, self._record_of)
-            )
-        if self.opts.kv_transport != "nixl":
-            self.transports.append(ZmqKVTransport(engine, handoff, self.ctx, timeout))
+        self.importer = KVImporter(
+            engine,
+            handoff,
+            self.ctx,
+            self.opts.kv_transport,
+            self.opts.kv_transfer_timeout,
+            self.nixl_pool,
+            self._record_of,
+            self.opts.debug_transfer_delay,
+        )
         await self._refresh()
         self._spawn(self._housekeeping(stop))
         self.state = "ready"
@@ -407,11 +400,12 @@ class Worker:
     def _stats(self, query: StatsQuery) -> Stats:
         # Taken on the engine thread between two steps (housekeeping), so all of it is one consistent view.
         s = dict(self._engine_stats)
+        importer = self.importer
         s.update(
             num_tasks=len(self.tasks),
-            counters=dict(self.counters),
+            counters={**self.counters, **(importer.counters() if importer is not None else {})},
             aborted=dict(self.aborted),
-            kv_transfer=self.transfer.as_dict(),
+            kv_transfer=importer.stats.as_dict() if importer is not None else {},
         )
         if self.kv_server is not None:
             s.update(kv_pulls_served=self.kv_server.num_pulls, kv_released=self.kv_server.num_released)
@@ -464,8 +458,8 @@ class Worker:
     # -- one request -----------------------------------------------------------------------------------
     async def _serve_request(self, ident: bytes, msg: Generate) -> None:
         rid = msg.request_id
-        engine, handoff = self.engine, self.handoff
-        if engine is None or handoff is None or self.state != "ready":
+        engine, handoff, importer = self.engine, self.handoff, self.importer
+        if engine is None or handoff is None or importer is None or self.state != "ready":
             await self._send(ident, Failed(rid, f"worker {self.worker_id} is {self.state}", retryable=True))
             return
         try:
@@ -486,7 +480,7 @@ class Worker:
                     list(h.output_token_ids), h.num_sent_chars, h.cumulative_logprob, h.rng_state
                 )
                 self.stages[rid] = "transfer" if msg.kv_source is not None else "prefill"
-                stream = await self._continue(rid, prompt, params, state, msg.kv_source)
+                stream = await importer.continue_request(rid, prompt, params, state, msg.kv_source)
                 self.stages[rid] = "decode" if msg.kv_source is not None else "prefill"
             else:
                 raise ValueError(f"unknown mode {msg.mode!r}; allowed: generate, prefill, continue")
@@ -521,81 +515,6 @@ class Worker:
             state.output_token_ids, state.num_sent_chars, state.cumulative_logprob, state.rng_state
         )
         return Output(rid, out, handoff, source)
-
-    async def _continue(
-        self, rid: str, prompt: list[int], params: Any, state: HandoffState, source: KVSource | None
-    ) -> Any:
-        engine, handoff = self.engine, self.handoff
-        assert engine is not None and handoff is not None
-        if source is not None and len(state.output_token_ids) == 1:
-            transport = next((t for t in self.transports if t.can_fetch(source)), None)
-            try:
-                if transport is None:
-                    raise KVTransferError(
-                        f"no KV transport both sides serve (here: {[t.name for t in self.transports]}, "
-                        f"{source.worker_id}: {source.transports})",
-                        "unsupported",
-                    )
-                await self._fetch(transport, rid, prompt, params, source)
-                self.counters["kv_pulled"] += 1
-                return engine.adopt(rid, lambda core: handoff.start_continued(rid, state), params.output_kind)
-            except KVTransferError as e:
-                self.transfer.fallback(e.reason)
-                logger.warning(
-                    "request %s: KV fetch from %s failed (%s: %s); recomputing the prompt here",
-                    rid,
-                    source.worker_id,
-                    e.reason,
-                    e,
-                )
-                if transport is not None:
-                    transport.release(source)
-        self.counters["kv_recomputed"] += 1
-        return engine.adopt(
-            rid, lambda core: handoff.start_resumed(rid, prompt, params, state), params.output_kind
-        )
-
-    async def _fetch(
-        self, transport: KVTransport, rid: str, prompt: list[int], params: Any, source: KVSource
-    ) -> None:
-        """Reserve blocks and fetch the prompt's KV into them, then let the source free its copy. On any
-        failure (cancellation too) the reserved blocks are released: at once, or, while a transport may
-        still be writing them, when it has stopped."""
-        engine, handoff = self.engine, self.handoff
-        assert engine is not None and handoff is not None
-        fetching = False  # from then on the transport ends the pin of its reserved blocks
-        try:
-            reserved = await self._reserve(rid, prompt, params, transport.pins_blocks)
-            if self.opts.debug_transfer_delay:
-                await asyncio.sleep(self.opts.debug_transfer_delay)
-            start = time.monotonic()
-            fetching = True
-            result = await transport.fetch(source, rid, reserved)
-        except BaseException:
-
-            def undo(core: EngineCore) -> None:
-                if not fetching:
-                    handoff.end_import(rid)
-                handoff.release(rid)
-
-            await engine.call(undo, 30.0)
-            raise
-        self.transfer.add(transport.name, result, time.monotonic() - start)
-        transport.release(source)
-
-    async def _reserve(self, rid: str, prompt: list[int], params: Any, pin: bool) -> ReservedBlocks:
-        engine, handoff = self.engine, self.handoff
-        assert engine is not None and handoff is not None
-        deadline = time.monotonic() + RESERVE_TIMEOUT_S
-        while True:
-            reserved = await engine.call(lambda core: handoff.reserve(rid, prompt, params, pin), 30.0)
-            if reserved is not None:
-                return reserved
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"no room for the KV of {len(prompt)} prompt tokens in {RESERVE_TIMEOUT_S:.0f}s"
-                )
-            await asyncio.sleep(0.02)
 
 
 async def serve_worker(worker: Worker) -> int:
