@@ -46,7 +46,11 @@ logger = logging.getLogger("osserve.disagg.kv")
 
 # The module names NIXL's wheels install (nixl-cu13, nixl-cu12, and the `nixl` meta package).
 NIXL_MODULES = ("nixl_cu13", "nixl_cu12", "nixl._api")
-POLL_MIN_S, POLL_MAX_S = 0.0002, 0.005
+# Polling a posted READ: a few plain yields to the event loop first (a READ between GPUs of one host often
+# takes tens of microseconds, and the figure in /metrics should not be the poll interval), then sleeps
+# doubling from POLL_MIN_S to POLL_MAX_S.
+POLL_YIELDS = 8
+POLL_MIN_S, POLL_MAX_S = 0.0001, 0.005
 
 
 def import_nixl() -> Any | None:
@@ -120,6 +124,10 @@ class NixlPool:
     ):
         self.full_tensors, self.sliding_tensors = full_tensors, sliding_tensors
         first = tensors[0]
+        if first.is_cuda:
+            # NOTE: UCX finds device memory through the CUDA context current on the thread that creates the
+            # agent and registers (the worker's event loop, not the engine thread that allocated the pool).
+            torch.cuda.set_device(first.device)
         # Unique per process: a restarted worker keeps its worker id but is a new agent to its peers.
         name = f"{worker_id}-{uuid.uuid4().hex[:8]}"
         self.agent = nixl.nixl_agent(name, nixl.nixl_agent_config(backends=["UCX"]))
@@ -231,7 +239,7 @@ class NixlRead:
     async def wait(self, deadline: float, lost: Callable[[], bool]) -> float:
         """Until the READ is done (its seconds); raises KVTransferError when it fails, `lost()` turns true,
         or `deadline` (time.monotonic()) passes. The READ may still be in flight then (`in_flight`)."""
-        poll = POLL_MIN_S
+        polls, poll = 0, POLL_MIN_S
         while self.state == "PROC":
             if lost():
                 raise KVTransferError("the source disconnected mid-transfer", "source_lost")
@@ -239,8 +247,12 @@ class NixlRead:
                 raise KVTransferError(
                     f"NIXL READ not done in {time.monotonic() - self.started:.1f}s", "timeout"
                 )
-            await asyncio.sleep(poll)
-            poll = min(2 * poll, POLL_MAX_S)
+            polls += 1
+            if polls <= POLL_YIELDS:
+                await asyncio.sleep(0)
+            else:
+                await asyncio.sleep(poll)
+                poll = min(2 * poll, POLL_MAX_S)
             self._check()
         if self.state != "DONE":
             raise KVTransferError(f"NIXL READ ended in state {self.state}")
