@@ -210,6 +210,7 @@ class Worker:
             nixl = import_nixl()
             if nixl is None and self.opts.kv_transport == "nixl":
                 logger.error("kv_transport nixl needs NIXL: pip install nixl-cu13 (or osserve[nixl])")
+                self.ctx.term()
                 return 1
         self.engine = engine = AsyncEngine(self.config, self.tokenizer)
         self.control = self.ctx.socket(zmq.ROUTER)
