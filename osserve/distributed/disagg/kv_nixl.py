@@ -381,6 +381,8 @@ class NixlKVTransport(KVTransport):
                     (self.pool.sliding_tensors, src[1], reserved.sliding),
                 ],
             )
+            if not len(local):
+                return FetchResult(0, 0.0)
             disconnects = peer.num_disconnects
             read = NixlRead(self.pool.agent, local, self.pool.info.mem_type, theirs, remote)
             move_s = await read.wait(deadline, lambda: peer.num_disconnects != disconnects)
