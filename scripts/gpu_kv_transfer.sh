@@ -5,7 +5,9 @@
 # (scripts/kv_transfer_rate.py), UCX's protocol choices for the NIXL READs (UCX_PROTO_INFO) as the proof that
 # no host memory is on the path, and the GPU test of the transport (tests/test_disagg_nixl_gpu.py).
 #
-# Needs the nixl-cu13 wheel in .whl/ (installed by device_setup.sh). Parameters, from the environment:
+# Needs the nixl-cu13 wheel for Python 3.12 in .whl/ beside the other carried wheels (device_setup.sh installs
+# them), slimmed by scripts/slim_wheel.py to ~28 MiB so that all fit in one call. Parameters, from the
+# environment:
 #   PARTS        what to run, any of: check test agg zmq nixl      (default: all of them)
 #   MODEL        model of every server                              (random:gpt-oss-20b)
 #   INPUT_LEN    prompt tokens; several, space-separated, run in turn   (1024 8192)
