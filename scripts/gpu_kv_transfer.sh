@@ -17,8 +17,9 @@
 #   KV_BLOCKS    kv_cache_config.max_blocks of each engine           (20000)
 #   LABEL        names the results                                   (the commit)
 # Results: $OUT/kv-transfer-$LABEL.txt (the summary) and $OUT/kv-transfer-$LABEL.tgz (bench JSON, server logs,
-# /metrics figures). A call of 10 minutes fits `check test` plus one of agg / zmq / nixl at both input lengths;
-# split PARTS over calls otherwise (the results of each call come back on their own).
+# /metrics figures). Each server start draws the model's random weights (about a minute for gpt-oss-20b), so
+# split PARTS over calls of 10 minutes, with a LABEL each, e.g. PARTS="check test nixl" LABEL=nixl, then
+# PARTS="zmq agg" LABEL=zmq-agg.
 #   bash scripts/gpu_kv_transfer.sh                       # everything, defaults
 #   PARTS="nixl zmq" INPUT_LEN=8192 bash scripts/gpu_kv_transfer.sh
 set -u
@@ -85,7 +86,6 @@ fi
 
 if has test; then
   log "GPU test: NIXL between two GPU workers" | tee -a $SUM
-  python3 -m osserve.model.make_checkpoint --preset tiny --out /tmp/tiny > /dev/null 2>&1
   timeout 300 python3 -m pytest tests/test_disagg_nixl_gpu.py -p no:cacheprovider -x -q -rf -p no:timeout 2>&1 \
     | tail -15 | tee -a $SUM
 fi
