@@ -1,18 +1,21 @@
 """The NIXL KV transport on CPU (NIXL's UCX backend between processes).
 
 First the READ itself between two NIXL agents in this process: exactly the asked-for blocks move, coalesced
-into runs. Then a deployment as users start it (`osserve serve --config`): a frontend, two prefill workers
-and a decode worker, all `kv_transport: nixl`, with a pause between reserving blocks and fetching the KV
-(the test hook OSSERVE_DEBUG_TRANSFER_DELAY) so that a test can act mid-transfer. In file order: greedy
-outputs equal aggregated serving, every prompt's KV READ over NIXL; a fetch from a stopped prefill worker
-passes its deadline and the prompt is recomputed (counted in /metrics); a prefill worker killed mid-transfer:
-its request completes by recompute within 5 s; and in the end no KV block stays allocated on any worker."""
+into runs. Then a deployment as users start it (`osserve serve --config`): a frontend (KV-aware routing),
+two prefill workers and a decode worker, all `kv_transport: nixl`, with a pause between reserving blocks and
+fetching the KV (the test hook OSSERVE_DEBUG_TRANSFER_DELAY) so that a test can act mid-transfer. In file
+order: greedy outputs equal aggregated serving, every prompt's KV READ over NIXL; a fetch from a stopped
+prefill worker passes its deadline and the prompt is recomputed (counted in /metrics); a prefill worker killed
+mid-transfer: its request completes by recompute within 5 s; and in the end no KV block stays allocated on
+any worker. A test acts on the prefill worker of its request: it runs the prompt once first, so that the
+KV-aware router sends it again to the worker that has it cached."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import contextlib
+import random
 import signal
 import time
 
@@ -52,10 +55,12 @@ pytestmark = [
     pytest.mark.timeout(300),
 ]
 # Seconds each decode-side transfer waits after reserving its blocks (the window the tests act in), and the
-# decode worker's fetch deadline.
-TRANSFER_DELAY = 2.0
+# decode worker's fetch deadline. NOTE: their sum stays under 2 s, the least time in which ZeroMQ's
+# heartbeats (1 s, 3 s timeout) can notice a stopped worker: the stopped source must fail by the deadline.
+TRANSFER_DELAY = 0.3
 TRANSFER_TIMEOUT = 1.0
 HOLD_TIMEOUT = 8.0
+WORDS = ("alpha", "beta", "gamma", "delta", "epsilon", "zeta", "theta", "kappa", "river", "stone", "ember")
 
 
 def test_block_runs_coalesce_blocks_contiguous_on_both_sides():
@@ -120,8 +125,7 @@ def deployment(tiny_ckpt, tmp_path_factory):
         "model": str(tiny_ckpt),
         "served_model_name": MODEL_NAME,
         **ENGINE,
-        "frontend": {"port": port, "router_mode": "round-robin", "liveness_timeout": 8, "retry_timeout": 4},
-        "discovery": {"lease_ttl": 3},
+        "frontend": {"port": port, "router_mode": "kv", "liveness_timeout": 10, "retry_timeout": 4},
         "workers": [
             {"role": "prefill", "replicas": 2, "kv_transport": "nixl", "kv_hold_timeout": HOLD_TIMEOUT},
             {"role": "decode", "kv_transport": "nixl", "kv_transfer_timeout": TRANSFER_TIMEOUT},
@@ -190,64 +194,93 @@ def test_greedy_outputs_equal_aggregated_serving_with_kv_read_over_nixl(deployme
     assert _metric(url, "osserve_kv_transfers_total", "zmq") == 0
 
 
-def _one_stream(url: str, prompt: str, max_tokens: int, on_first_token) -> dict:
-    """One streamed greedy completion; `on_first_token()` (async) runs when its first token arrives."""
+def _prompt(seed: int) -> str:
+    """A prompt of some 80 tokens (five or more full KV blocks) that no other test sends."""
+    rng = random.Random(seed)
+    return " ".join(rng.choice(WORDS) for _ in range(80))
+
+
+def _prefill_of(url: str, prompt: str) -> dict:
+    """Run `prompt` once; its prefill worker, once the frontend knows that worker caches the prompt."""
+    before = {e["worker_id"]: e for e in endpoints(health(url)[1], "prefill")}
+    assert run(complete(url + "/v1", prompt, 2, stream=False))["error"] is None
+
+    def grown(body: dict) -> list[dict]:
+        return [
+            e
+            for e in endpoints(body, "prefill")
+            if e["worker_id"] in before
+            and e["kv_pulls_served"] > before[e["worker_id"]]["kv_pulls_served"]
+            and e["num_cached_block_hashes"] >= before[e["worker_id"]]["num_cached_block_hashes"] + 4
+        ]
+
+    body = wait_health(url, lambda code, b: len(grown(b)) == 1, 10, "the prompt cached on one prefill worker")
+    return grown(body)[0]
+
+
+def _one_stream(url: str, prompt: str, max_tokens: int, on_first_token, then=None) -> dict:
+    """One streamed greedy completion. `on_first_token()` runs as soon as its first token arrives (the
+    decode worker is then reserving blocks or in the transfer delay); `then()`, a coroutine, right after,
+    beside the rest of the stream."""
 
     async def go() -> dict:
         first = asyncio.Event()
+        extra: dict = {}
 
         def on_event(event: dict) -> None:
-            if event.get("choices") and event["choices"][0]["text"]:
+            if not first.is_set() and event.get("choices") and event["choices"][0]["text"]:
                 first.set()
+                extra.update(on_first_token())
+
+        async def follow() -> None:
+            await first.wait()
+            if then is not None:
+                await then()
 
         async with http_client() as client:
             body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
-            task = asyncio.ensure_future(stream_events(client, url, body, on_event))
-            await asyncio.wait(
-                {task, asyncio.ensure_future(first.wait())}, return_when=asyncio.FIRST_COMPLETED
-            )
-            assert not task.done(), "the request ended before the test could act"
-            extra = await on_first_token()
-            return {**await task, **extra}
+            following = asyncio.ensure_future(follow())
+            try:
+                out = await stream_events(client, url, body, on_event)
+                await following
+            finally:
+                following.cancel()
+        return {**out, **extra}
 
     return run(go())
 
 
-async def _holding_prefill(url: str) -> dict:
-    """The prefill worker that holds KV for a decode worker (within the transfer delay)."""
-    deadline = time.monotonic() + TRANSFER_DELAY
+async def _wait_for_fallback(url: str, reason: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         async with httpx.AsyncClient() as client:
             body = (await client.get(url + "/health", timeout=5)).json()
-        held = [e for e in endpoints(body, "prefill") if e["num_held"] > 0]
-        if held:
-            return held[0]
+        (decode,) = endpoints(body, "decode")
+        if decode["kv_transfer"]["fallbacks"][reason] > 0:
+            return
         await asyncio.sleep(0.05)
-    raise AssertionError("no prefill worker reported held KV within the transfer delay")
 
 
 def test_a_fetch_past_its_deadline_falls_back_to_recomputing(deployment, reference):
     url = deployment["url"]
-    prompt = completion_prompts(1, seed=21)[0]
+    prompt = _prompt(21)
+    victim = _prefill_of(url, prompt)
     before = _metric(url, "osserve_kv_transfer_fallbacks_total", "timeout")
 
-    async def stall_the_source() -> dict:
-        victim = await _holding_prefill(url)
-        kill(victim["pid"], signal.SIGSTOP)  # hung: it answers nothing, its connections stay up
-        try:
-            deadline = time.monotonic() + TRANSFER_DELAY + TRANSFER_TIMEOUT + 5
-            while time.monotonic() < deadline:
-                async with httpx.AsyncClient() as client:
-                    body = (await client.get(url + "/health", timeout=5)).json()
-                (decode,) = endpoints(body, "decode")
-                if decode["kv_transfer"]["fallbacks"]["timeout"] > 0:
-                    break
-                await asyncio.sleep(0.05)
-        finally:
-            kill(victim["pid"], signal.SIGCONT)
+    def stall_the_source() -> dict:
+        kill(victim["pid"], signal.SIGSTOP)  # hung: it answers nothing, its connections stay up a while
         return {}
 
-    got = _one_stream(url, prompt, 12, stall_the_source)
+    async def resume_after_the_fallback() -> None:
+        try:
+            await _wait_for_fallback(url, "timeout", TRANSFER_DELAY + TRANSFER_TIMEOUT + 10)
+        finally:
+            kill(victim["pid"], signal.SIGCONT)
+
+    try:
+        got = _one_stream(url, prompt, 12, stall_the_source, resume_after_the_fallback)
+    finally:
+        kill(victim["pid"], signal.SIGCONT)
     want = run(complete(reference, prompt, 12, stream=False))
     assert got["error"] is None and got["text"] == want["text"]
     decode = _decode(url)
@@ -275,7 +308,8 @@ def _idle(code: int, body: dict) -> bool:
 
 def test_a_prefill_worker_killed_mid_transfer(deployment, reference):
     url = deployment["url"]
-    # The stopped worker of the test before is back, and the KV it held is freed (at worst by its timeout).
+    # The stopped worker of the test before answers again, and the KV it held is freed (at worst by its
+    # hold timeout).
     wait_health(
         url,
         lambda code, b: len(endpoints(b)) == 3 and _idle(code, b),
@@ -283,12 +317,12 @@ def test_a_prefill_worker_killed_mid_transfer(deployment, reference):
         "idle deployment",
         [deployment["log"]],
     )
-    prompt = completion_prompts(2, seed=22)[1]
+    prompt = _prompt(22)
+    victim = _prefill_of(url, prompt)
 
-    async def kill_the_source() -> dict:
-        victim = await _holding_prefill(url)
+    def kill_the_source() -> dict:
         kill(victim["pid"])
-        return {"killed": time.monotonic(), "victim": victim["worker_id"]}
+        return {"killed": time.monotonic()}
 
     got = _one_stream(url, prompt, 12, kill_the_source)
     want = run(complete(reference, prompt, 12, stream=False))
@@ -297,17 +331,21 @@ def test_a_prefill_worker_killed_mid_transfer(deployment, reference):
         assert got["text"] == want["text"]
     decode = _decode(url)
     assert decode["kv_transfer"]["fallbacks"]["source_lost"] == 1
-    # The frontend drops the dead worker; the others serve on.
+    # The frontend stops routing to the dead worker; the other one serves on.
     wait_health(
         url,
-        lambda code, b: got["victim"] not in {e["worker_id"] for e in endpoints(b)},
+        lambda code, b: all(not e["alive"] for e in endpoints(b) if e["worker_id"] == victim["worker_id"]),
         10,
-        "killed prefill worker gone",
+        "killed prefill worker out of routing",
     )
     again = run(complete(url + "/v1", prompt, 12, stream=True))
     assert again["error"] is None and again["text"] == want["text"]
 
 
 def test_no_kv_block_stays_allocated_on_the_workers_left(deployment):
-    body = wait_health(deployment["url"], _idle, 10, "every block back")
-    assert sorted(e["role"] for e in endpoints(body)) == ["decode", "prefill"]
+    def idle_without_the_dead(code: int, body: dict) -> bool:
+        alive = {**body, "endpoints": [e for e in endpoints(body) if e["alive"]]}
+        return _idle(code, alive)
+
+    body = wait_health(deployment["url"], idle_without_the_dead, 15, "every block back")
+    assert sorted(e["role"] for e in endpoints(body) if e["alive"]) == ["decode", "prefill"]

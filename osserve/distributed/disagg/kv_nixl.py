@@ -314,12 +314,12 @@ class NixlKVTransport(KVTransport):
         # worker id -> its registry record (None if it is not registered)
         self.lookup = lookup
         self._remotes: dict[str, PoolInfo] = {}
-        self._loading = asyncio.Lock()
+        self._loading: dict[str, asyncio.Lock] = {}
         self._draining: set[asyncio.Task] = set()
 
     async def _remote(self, source: KVSource) -> PoolInfo:
         """The source's pool, its agent loaded here (once per source process, however many fetches ask)."""
-        async with self._loading:
+        async with self._loading.setdefault(source.worker_id, asyncio.Lock()):
             known = self._remotes.get(source.worker_id)
             if known is None:
                 known = self._remotes[source.worker_id] = await self._load(source)
@@ -362,9 +362,11 @@ class NixlKVTransport(KVTransport):
     async def fetch(self, source: KVSource, request_id: str, reserved: ReservedBlocks) -> FetchResult:
         read: NixlRead | None = None
         try:
-            deadline = time.monotonic() + self.timeout_s
             peer = self.peer(source.kv_address)
+            # NOTE: the first fetch from a source looks its agent up in the registry (registry calls have
+            # their own timeout); the transfer's deadline starts after that.
             remote = await self._remote(source)
+            deadline = time.monotonic() + self.timeout_s
             reply, _ = await self._pull(source, deadline)
             src = (reply.full_block_ids, reply.sliding_block_ids)
             if (len(src[0]), len(src[1])) != (len(reserved.full), len(reserved.sliding)):
