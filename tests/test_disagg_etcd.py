@@ -29,6 +29,7 @@ from disagg_util import (
 from live import free_port
 
 from osserve.distributed.disagg.discovery import EtcdRegistry, Registration, RegistryError, workers_prefix
+from osserve.distributed.disagg.kv_nixl import import_nixl
 
 ETCD = shutil.which("etcd")
 pytestmark = [
@@ -196,14 +197,18 @@ def test_health_lists_both_endpoints_registered_in_etcd(cluster, etcd):
     assert all(e["ready"] for e in endpoints(body))
     assert body["deployment"]["discovery"] == f"etcd {etcd['url']}"
 
-    async def keys() -> list[str]:
+    async def records() -> list[dict]:
         reg = EtcdRegistry(etcd["url"])
         try:
-            return sorted(v["role"] for v in (await reg.list(workers_prefix("default"))).values())
+            return list((await reg.list(workers_prefix("default"))).values())
         finally:
             await reg.close()
 
-    assert run(keys()) == ["decode", "prefill"]
+    recs = run(records())
+    assert sorted(r["role"] for r in recs) == ["decode", "prefill"]
+    if import_nixl() is not None:
+        # kv_transport auto: each worker's NIXL agent (its metadata and KV pool) is published through etcd.
+        assert all(r["nixl"]["agent"].startswith(r["worker_id"]) and r["nixl"]["metadata"] for r in recs)
 
 
 def test_a_worker_whose_lease_lapses_leaves_routing_and_comes_back(cluster):
@@ -272,6 +277,9 @@ def test_requests_already_routed_survive_etcd_stopping(cluster, etcd, reference)
         url, lambda code, b: b["deployment"]["registry_error"] is not None, 10, "registry error shown"
     )
     assert [e["ready"] for e in endpoints(body)] == [True, True]
+    (decode,) = endpoints(body, "decode")
+    transport = "nixl" if import_nixl() is not None else "zmq"
+    assert decode["kv_transfer"]["fetches"].get(transport, 0) > 0
     r = httpx.post(
         url + "/v1/completions",
         json={"model": MODEL_NAME, "prompt": prompts[0], "max_tokens": 4, "temperature": 0.0},

@@ -185,6 +185,28 @@ def test_release_and_cancel_free_every_block(engines):
         pre.step()
 
 
+def test_a_pinned_reservation_is_freed_only_once_its_transfer_has_ended(engines):
+    """A transport writing reserved blocks off the engine thread pins them: a release (an abort) meanwhile
+    must not hand them to another request; end_import frees them then."""
+    _, _, dec = engines
+    hd = KVHandoff(dec.core)
+    base = dec.kv.usage()["in_use"]
+    prompt = list(range(3000, 3040))
+    reserved = hd.reserve("pinned", prompt, _greedy(), pin=True)
+    assert reserved is not None and reserved.full and len(reserved.full) == 3
+    assert hd.release("pinned")
+    assert dec.kv.usage()["in_use"] == base + len(reserved.full) + len(reserved.sliding)
+    hd.end_import("pinned")
+    assert dec.kv.usage()["in_use"] == base and not hd.reserved and not hd.importing
+    # Not released meanwhile: end_import only unpins, and the request can start.
+    assert hd.reserve("kept", prompt, _greedy(), pin=True) is not None
+    with pytest.raises(ValueError, match="has not ended"):
+        hd.start_continued("kept", HandoffState([5]), 10_000)
+    hd.end_import("kept")
+    assert "kept" in hd.reserved and dec.kv.usage()["in_use"] > base
+    assert hd.release("kept") and dec.kv.usage()["in_use"] == base
+
+
 def test_write_rejects_a_mismatched_layout(engines):
     _, _, dec = engines
     hd = KVHandoff(dec.core)

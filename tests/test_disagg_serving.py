@@ -1,7 +1,8 @@
 """A disaggregated deployment on CPU, started as users start it (`osserve serve --config deploy.yaml`): the
-frontend (in the launcher process), one prefill worker and two decode workers, registered in the frontend's
-registry. The tests run in file order on one deployment: outputs against single-process serving, cancels,
-then decode workers killed one after the other, then SIGTERM."""
+frontend (in the launcher process), one prefill worker and two decode workers (one pulling KV over ZeroMQ, one
+with `kv_transport: auto`, which takes NIXL where it is installed), registered in the frontend's registry.
+The tests run in file order on one deployment: outputs against single-process serving, cancels, then decode
+workers killed one after the other, then SIGTERM."""
 
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ from disagg_util import (
     wait_health,
 )
 from live import free_port
+
+from osserve.distributed.disagg.kv_nixl import import_nixl
 
 LEASE_TTL = 3.0
 pytestmark = pytest.mark.timeout(300)
@@ -67,7 +70,8 @@ def deployment(tiny_ckpt, tmp_path_factory):
             # A small step budget queues prompts on the prefill worker; a small batch cap makes decode
             # workers wait for room: both widen the phases the cancel test aims at.
             {"role": "prefill", "runtime": {"max_num_tokens": 256}},
-            {"role": "decode", "replicas": 2, "runtime": {"max_batch_size": 12}},
+            {"role": "decode", "runtime": {"max_batch_size": 12}, "kv_transport": "zmq"},
+            {"role": "decode", "runtime": {"max_batch_size": 12}},
         ],
     }
     path = tmp / "deploy.yaml"
@@ -121,8 +125,9 @@ def test_greedy_outputs_equal_single_process_serving(deployment, reference):
     got = run(all_of(url))
     assert all(r.get("error") is None for r in got), [r for r in got if r.get("error")]
     assert got == want
-    # Every completion (ignore_eos, 8 tokens) moved its prompt's KV to a decode worker; both were used.
-    wait_health(
+    # Every completion (ignore_eos, 8 tokens) moved its prompt's KV to a decode worker; both were used, each
+    # with its own transport.
+    body = wait_health(
         deployment["url"],
         lambda code, b: (
             sum(e["counters"]["kv_pulled"] for e in endpoints(b, "decode")) >= 28
@@ -131,6 +136,11 @@ def test_greedy_outputs_equal_single_process_serving(deployment, reference):
         5,
         "KV pulls counted",
     )
+    transports = sorted(
+        t for e in endpoints(body, "decode") for t, n in e["kv_transfer"]["fetches"].items() if n
+    )
+    assert transports == (["nixl", "zmq"] if import_nixl() is not None else ["zmq", "zmq"])
+    assert all(not any(e["kv_transfer"]["fallbacks"].values()) for e in endpoints(body, "decode"))
 
 
 def _blocks_back(body: dict) -> bool:

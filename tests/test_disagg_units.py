@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import subprocess
+import sys
 from dataclasses import dataclass, field
 
 import pytest
@@ -146,9 +148,15 @@ def test_wire_messages_round_trip():
 
 
 # -- the RemoteEngine over an in-process worker -------------------------------------------------------------
-def test_remote_engine_over_a_both_worker(tiny_ckpt):
+def test_remote_engine_over_a_both_worker(tiny_ckpt, monkeypatch):
     """Aggregated serving through the frontend's engine: n > 1, every output kind, logprobs, and an abort
-    that frees the worker's blocks, all equal to the engine in this process."""
+    that frees the worker's blocks, all equal to the engine in this process. NIXL is made unimportable: the
+    worker serves all the same, its KV over ZeroMQ only."""
+    from osserve.distributed.disagg.kv_nixl import NIXL_MODULES, import_nixl
+
+    for name in NIXL_MODULES:
+        monkeypatch.setitem(sys.modules, name, None)  # `import name` raises ImportError
+    assert import_nixl() is None
     from osserve.config import EngineConfig
     from osserve.distributed.disagg.remote_engine import FrontendSettings, RemoteEngine
     from osserve.distributed.disagg.worker import Worker, WorkerOptions
@@ -192,6 +200,8 @@ def test_remote_engine_over_a_both_worker(tiny_ckpt):
         try:
             await engine.wait_ready_async(60)
             assert engine.needs()[0][0] == "both"
+            assert worker.kv_server.transports == ["zmq"] and "nixl" not in worker.record()
+            assert [t.name for t in worker.importer.transports] == ["zmq"]
 
             async def collect(rid: str, params: SamplingParams) -> list[RequestOutput]:
                 return [o async for o in engine.add_request(rid, prompt, params)]
@@ -238,6 +248,11 @@ def test_remote_engine_over_a_both_worker(tiny_ckpt):
 
     try:
         asyncio.run(scenario())
+        # Asked for by name, a missing NIXL stops the worker before it loads its model.
+        nixl_worker = Worker(
+            config, WorkerOptions(role="decode", registry="tcp://127.0.0.1:1", kv_transport="nixl"), tok
+        )
+        assert asyncio.run(nixl_worker.run(asyncio.Event())) == 1 and nixl_worker.engine is None
     finally:
         torch.set_num_threads(threads)
 
@@ -285,6 +300,29 @@ def test_deployment_file(tmp_path):
             {"workers": [{"role": "prefill", "runtime": {"tensor_parallel_size": 2}}, {"role": "decode"}]},
             "multi-rank",
         ),
+        (
+            {"workers": [{"role": "prefill"}, {"role": "decode", "kv_transport": "cuda_ipc"}]},
+            r"workers\[1\]\.kv_transport is 'cuda_ipc' \(cuda_ipc was removed.*allowed: auto, zmq, nixl",
+        ),
     ]:
         with pytest.raises(ValueError, match=match):
             parse_deployment(bad)
+
+
+def test_an_unknown_kv_transport_is_refused_naming_the_valid_ones():
+    from osserve.distributed.disagg.worker import WorkerOptions
+
+    with pytest.raises(ValueError, match="kv_transport is 'ucx'; allowed: auto, zmq, nixl"):
+        WorkerOptions(role="decode", registry="tcp://127.0.0.1:1", kv_transport="ucx")
+    with pytest.raises(ValueError, match="kv_transfer_timeout"):
+        WorkerOptions(role="decode", registry="tcp://127.0.0.1:1", kv_transfer_timeout=0)
+    r = subprocess.run(
+        [sys.executable, "-m", "osserve", "worker", "--role", "decode", "--registry", "tcp://127.0.0.1:1"]
+        + ["--kv-transport", "cuda_ipc"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2
+    assert "kv_transport is 'cuda_ipc' (cuda_ipc was removed" in r.stderr
+    assert "allowed: auto, zmq, nixl" in r.stderr

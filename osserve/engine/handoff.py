@@ -6,8 +6,9 @@ KV blocks: it is "held" until the decode side has copied them (`release`) or unt
 `export` reads a held request's blocks out of the runner's KV tensors: every full-attention block of the
 prompt, and the sliding-window blocks still inside the window (the older ones are already released).
 
-Decode side. `reserve` allocates blocks for an incoming prompt, `write` copies the received KV into them,
-and `start_continued` puts the request into the scheduler as if this engine had computed the prompt itself
+Decode side. `reserve` allocates blocks for an incoming prompt, `write` copies the received KV into them
+(or a transport writes them itself, off the engine thread, and `end_import` says when it is done), and
+`start_continued` puts the request into the scheduler as if this engine had computed the prompt itself
 (num_computed_tokens = prompt length, first token already sampled), so its next step decodes.
 `start_resumed` takes a request with output tokens but no KV (the worker that produced them died) and lets
 the scheduler recompute it, exactly as after a preemption.
@@ -71,6 +72,11 @@ class HandoffState:
     # The request's torch.Generator state (seeded sampling), so that the next draw continues its stream.
     rng_state: bytes | None = None
 
+    def restore(self) -> tuple[list[int], int, float]:
+        """What the engine's client side continues from (AsyncEngine.adopt's `restore`): the tokens, the
+        characters of their text already sent, the cumulative logprob."""
+        return list(self.output_token_ids), self.num_sent_chars, self.cumulative_logprob
+
 
 @dataclass
 class ExportedKV:
@@ -82,6 +88,15 @@ class ExportedKV:
     # Physical block ids on the exporting engine (for transports that copy device to device).
     full_block_ids: list[int] = field(default_factory=list)
     sliding_block_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class ReservedBlocks:
+    """The blocks `reserve` allocated for a prompt, in the order the source exports them."""
+
+    full: list[int]
+    # Only the sliding-window blocks still in the window (the older entries of the table are the null block).
+    sliding: list[int]
 
 
 @dataclass
@@ -107,6 +122,10 @@ class KVHandoff:
         self.prefill_only: dict[int, Request] = {}  # by handle
         self.held: dict[str, _Held] = {}
         self.reserved: dict[str, Request] = {}
+        # Reserved requests whose blocks a transfer may be writing into outside the engine thread (pinned):
+        # a release waits for `end_import`, so the blocks cannot go to another request mid-write.
+        self.importing: set[str] = set()
+        self._release_after_import: set[str] = set()
 
     # -- prefill side ----------------------------------------------------------------------------------
     def add_prefill_only(
@@ -146,7 +165,10 @@ class KVHandoff:
     def export(self, request_id: str, gather: bool = True) -> ExportedKV:
         """The held request's KV, on the engine's device (raises KeyError if it is not held). `gather`
         False: only the block ids (for a transport that reads the pool itself)."""
-        req = self.held[request_id].req
+        held = self.held[request_id]
+        # A pull began: the hold timeout counts from here, so that it cannot free blocks under a reader.
+        held.since = time.monotonic()
+        req = held.req
         rb = self.core.kv.blocks_of(request_id)
         n = _ceil_div(req.num_computed_tokens, self.layout.block_size)
         full_ids = rb.full[:n]
@@ -165,7 +187,11 @@ class KVHandoff:
         return torch.stack([torch.stack((caches[i][0][idx], caches[i][1][idx])) for i in layers])
 
     def release(self, request_id: str) -> bool:
-        """Free a held or reserved request's blocks; False if it has none (already released)."""
+        """Free a held or reserved request's blocks; False if it has none (already released). A pinned
+        reservation is freed at its `end_import`."""
+        if request_id in self.importing:
+            self._release_after_import.add(request_id)
+            return True
         for h, r in list(self.prefill_only.items()):
             if r.request_id == request_id:
                 del self.prefill_only[h]
@@ -202,8 +228,11 @@ class KVHandoff:
             )
         return max_tokens
 
-    def reserve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> bool:
-        """Allocate blocks for the prompt's KV; False (nothing changed) when there is no room right now."""
+    def reserve(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, pin: bool = False
+    ) -> ReservedBlocks | None:
+        """Allocate blocks for the prompt's KV; None (nothing changed) when there is no room right now.
+        `pin`: a transport will write them off the engine thread; they stay until `end_import`."""
         max_tokens = self._check(request_id, prompt_token_ids, params)
         core, kv = self.core, self.core.kv
         num_prompt = len(prompt_token_ids)
@@ -214,7 +243,7 @@ class KVHandoff:
             len(core.scheduler.running) + len(self.reserved) >= core.config.max_batch_size
             or need > kv.pool.num_free
         ):
-            return False
+            return None
         rb = RequestBlocks()
         if kv.has_full:
             rb.full = kv.pool.allocate(n)
@@ -228,7 +257,16 @@ class KVHandoff:
             max_tokens=max_tokens,
             eos_token_ids=core.eos_token_ids,
         )
-        return True
+        if pin:
+            self.importing.add(request_id)
+        return ReservedBlocks(list(rb.full), [b for b in rb.sliding if b != NULL_BLOCK])
+
+    def end_import(self, request_id: str) -> None:
+        """A transport has stopped writing into a pinned reservation: free it if it was released meanwhile."""
+        self.importing.discard(request_id)
+        if request_id in self._release_after_import:
+            self._release_after_import.discard(request_id)
+            self.release(request_id)
 
     def write(self, request_id: str, full: torch.Tensor | None, sliding: torch.Tensor | None) -> None:
         """Copy received KV (ExportedKV layout, any device) into the reserved blocks."""
@@ -257,6 +295,8 @@ class KVHandoff:
 
     def start_continued(self, request_id: str, state: HandoffState, handle: int) -> None:
         """Schedule a reserved request whose prompt KV has been written: it decodes from its first token."""
+        if request_id in self.importing:
+            raise ValueError(f"request {request_id!r}: its KV transfer has not ended")
         req = self.reserved.pop(request_id, None)
         if req is None:
             raise ValueError(f"request {request_id!r} has no reserved blocks here (cancelled?)")
@@ -320,5 +360,6 @@ class KVHandoff:
         return {
             "num_held": len(self.held),
             "num_reserved": len(self.reserved),
+            "num_importing": len(self.importing),
             "num_prefill_only": len(self.prefill_only),
         }

@@ -1,7 +1,8 @@
 """Prometheus metrics of one server: request counts, token counts, latency histograms, engine gauges.
 
 Each app has its own registry (several servers can live in one test process). Engine gauges (running /
-waiting requests, KV blocks, prefix-cache hit rate) are read from the engine's stats at scrape time.
+waiting requests, KV blocks, prefix-cache hit rate) are read from the engine's stats at scrape time, and so
+are a disaggregated frontend's KV-transfer counters (its workers' sums).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -77,6 +78,31 @@ _E2E_BUCKETS = (
 )
 
 
+# A disaggregated frontend's KV-transfer counters: (key in stats["kv_transfer"], name, help, label).
+_KV_TRANSFER = (
+    ("fetches", "osserve_kv_transfers", "KV fetches a decode worker completed, by transport.", "transport"),
+    ("bytes", "osserve_kv_transfer_bytes", "KV bytes decode workers fetched, by transport.", "transport"),
+    (
+        "seconds",
+        "osserve_kv_transfer_seconds",
+        "Seconds of KV fetches (asking the source, moving, writing), by transport.",
+        "transport",
+    ),
+    (
+        "move_seconds",
+        "osserve_kv_transfer_move_seconds",
+        "Seconds the KV bytes took to move (NIXL: READ posted to complete), by transport.",
+        "transport",
+    ),
+    (
+        "fallbacks",
+        "osserve_kv_transfer_fallbacks",
+        "KV fetches that failed or passed their deadline (the prompt was recomputed), by reason.",
+        "reason",
+    ),
+)
+
+
 class _EngineCollector(Collector):
     def __init__(self, stats: Callable[[], dict[str, Any]], in_flight: Callable[[], int]):
         self._stats = stats
@@ -127,6 +153,12 @@ class _EngineCollector(Collector):
             "Seconds engine steps waited for the device to finish a launched step.",
             s.get("device_wait_seconds", 0.0),
         )
+        if "kv_transfer" in s:
+            for key, name, doc, label in _KV_TRANSFER:
+                family = CounterMetricFamily(name, doc, labels=[label])
+                for value, n in sorted(s["kv_transfer"].get(key, {}).items()):
+                    family.add_metric([value], n)
+                yield family
 
 
 class ServerMetrics:

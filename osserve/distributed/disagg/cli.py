@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from osserve.distributed.disagg.protocol import ROLES
+from osserve.distributed.disagg.protocol import KV_TRANSPORTS, ROLES
 from osserve.distributed.disagg.router import ROUTER_MODES
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -184,12 +184,22 @@ def add_worker_parser(subparsers: argparse._SubParsersAction) -> None:
         help="seconds a dead worker stays registered at most (default: 10)",
     )
     w.add_argument("--worker-id", default=None, help="unique id (default: role-hostname-pid-random)")
+    # NOTE: no argparse choices: WorkerOptions says what is allowed (and what became of a removed value).
     w.add_argument(
         "--kv-transport",
-        choices=("auto", "zmq", "cuda_ipc"),
         default="auto",
-        help="how KV is pulled from prefill workers (auto: ZeroMQ; cuda_ipc: device-to-device on one host, "
-        "experimental: not yet verified on a GPU)",
+        metavar="{" + ",".join(KV_TRANSPORTS) + "}",
+        help="how KV moves from prefill workers (nixl: a NIXL READ, GPU to GPU with no host copy; zmq: bytes "
+        "over ZeroMQ; auto, the default: nixl when it is installed and both workers registered their KV "
+        "pool, else zmq)",
+    )
+    w.add_argument(
+        "--kv-transfer-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="decode: a KV fetch not done within S seconds is given up and the prompt recomputed here "
+        "(default: 30)",
     )
     w.add_argument(
         "--kv-hold-timeout",
@@ -248,6 +258,7 @@ def run_worker(args: argparse.Namespace) -> int:
             worker_id=args.worker_id,
             kv_transport=args.kv_transport,
             kv_hold_timeout=args.kv_hold_timeout,
+            kv_transfer_timeout=args.kv_transfer_timeout,
             debug_transfer_delay=args.debug_transfer_delay,
         )
     except (ValueError, json.JSONDecodeError) as e:

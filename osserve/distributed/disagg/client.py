@@ -124,6 +124,7 @@ class WorkerClient:
             "num_cached_block_hashes": len(self.cached_hashes),
             "aborted": s.get("aborted", {}),
             "counters": s.get("counters", {}),
+            "kv_transfer": s.get("kv_transfer", {}),
             "kv_pulls_served": s.get("kv_pulls_served", 0),
             "kv_released": s.get("kv_released", 0),
             "seconds_since_answer": round(time.monotonic() - self.last_answer, 2),

@@ -342,7 +342,13 @@ class Registration:
 
     async def _register(self) -> None:
         lease = await self.registry.grant(self.ttl_s)
-        await self.registry.put(self.key, self.value, lease)
+        while True:
+            value = self.value
+            await self.registry.put(self.key, value, lease)
+            # NOTE: an update() while the put was under way found no lease yet and only set self.value: put
+            # again, or the store would keep the older record (a worker "loading" for good).
+            if value is self.value:
+                break
         self.lease = lease
         logger.info(
             "registered %s in %s (lease %x, ttl %.0fs)",

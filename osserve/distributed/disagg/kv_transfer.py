@@ -1,28 +1,28 @@
 """Moving a prompt's KV blocks from the prefill worker that holds them to the decode worker that continues.
 
-The decode side pulls (as vLLM's NIXL connector does): it reserves blocks first, then asks the source for
-the KV, writes it, and tells the source to release its copy. The prefill side never pushes, so a decode
-worker that dies or a request that is cancelled mid-transfer leaves nothing behind there but a held
-request, which `Release` (from the decode side or the frontend) or the hold timeout frees.
+The decode side pulls (as vLLM's NIXL connector does): it reserves blocks first, then fetches the KV into
+them, and tells the source to release its copy. The prefill side never pushes, so a decode worker that dies
+or a request that is cancelled mid-transfer leaves nothing behind there but a held request, which `Release`
+(from the decode side or the frontend) or the hold timeout frees.
 
-- `KVServer` (every worker): answers `Pull` with the KV and frees it on `Release` (ZeroMQ ROUTER).
-- `ZmqKVTransport`: the KV bytes travel in the reply, as raw frames (no copies on the way). Works on CPU and
-  across hosts.
-- `CudaIpcKVTransport` (kv_cuda_ipc.py): same host, KV pools on GPUs: the source hands out CUDA IPC handles
-  of its KV tensors once; a pull then returns only block ids and the decode worker copies device to device
-  (over NVLink / PCIe peer access), with no host round trip.
+- `KVServer` (every worker): answers `Pull` (with the KV bytes, or with only the block ids for a transport
+  that reads them itself) and frees the KV on `Release` (ZeroMQ ROUTER).
+- `ZmqKVTransport`: the KV bytes travel in the reply, as raw frames (device -> host -> ZeroMQ -> host ->
+  device). Works on CPU and across hosts.
+- `NixlKVTransport` (kv_nixl.py): the decode worker READs the blocks straight out of the source's registered
+  KV pool with NIXL (GPU to GPU over CUDA IPC / NVLink on one host, RDMA across hosts).
+A fetch that fails or passes its deadline raises KVTransferError with a `reason`; the worker then recomputes
+the prompt and counts the reason (TransferStats, shown in the frontend's /metrics).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import pickle
-import socket as pysocket
 import time
 import warnings
 from abc import ABC, abstractmethod
-from functools import cache
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,36 +31,68 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from osserve.distributed.disagg.discovery import bind
-from osserve.distributed.disagg.protocol import IpcHandles, KVReply, KVSource, Pull, Release, decode, encode
+from osserve.distributed.disagg.protocol import KVReply, KVSource, Pull, Release, decode, encode
 from osserve.engine.async_engine import AsyncEngine
 from osserve.engine.engine import EngineCore
-from osserve.engine.handoff import ExportedKV, KVHandoff
+from osserve.engine.handoff import ExportedKV, KVHandoff, ReservedBlocks
 
 logger = logging.getLogger("osserve.disagg.kv")
 
 PULL_TIMEOUT_S = 30.0
 CONNECT_TIMEOUT_S = 3.0
+# Why a fetch failed (the label of the fallback counter): no answer or no completion before the deadline;
+# the source died or cannot be reached; it no longer holds the KV; the two engines' KV layouts differ; no
+# transport both sides serve; anything else.
+FALLBACK_REASONS = ("timeout", "source_lost", "not_held", "mismatch", "unsupported", "error")
 
 
 class KVTransferError(RuntimeError):
-    """The KV could not be fetched (source gone, request no longer held, layouts differ, timeout)."""
+    """The KV could not be fetched; `reason` is one of FALLBACK_REASONS."""
+
+    def __init__(self, message: str, reason: str = "error"):
+        super().__init__(message)
+        assert reason in FALLBACK_REASONS, reason
+        self.reason = reason
 
 
-@cache
-def host_id() -> str:
-    """This machine's identity: processes with equal ids can share GPU memory through CUDA IPC."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
-    except OSError:
-        boot = ""
-    return f"{pysocket.gethostname()}:{boot}"
+@dataclass
+class FetchResult:
+    num_bytes: int
+    # Seconds the bytes took to move (NIXL: READ posted -> complete; zmq: the whole pull and write).
+    move_seconds: float
+
+
+@dataclass
+class TransferStats:
+    """A decode worker's KV fetches by transport, and its fallbacks to recomputing by reason."""
+
+    fetches: dict[str, int] = field(default_factory=dict)
+    bytes: dict[str, int] = field(default_factory=dict)
+    # Reserved blocks -> KV in place (asking the source, moving, writing).
+    seconds: dict[str, float] = field(default_factory=dict)
+    move_seconds: dict[str, float] = field(default_factory=dict)
+    fallbacks: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FALLBACK_REASONS, 0))
+
+    def add(self, transport: str, result: FetchResult, seconds: float) -> None:
+        for d, v in (
+            (self.fetches, 1),
+            (self.bytes, result.num_bytes),
+            (self.seconds, seconds),
+            (self.move_seconds, result.move_seconds),
+        ):
+            d[transport] = d.get(transport, 0) + v
+
+    def fallback(self, reason: str) -> None:
+        self.fallbacks[reason] += 1
+
+    def as_dict(self) -> dict[str, dict[str, float]]:
+        return {k: dict(v) for k, v in vars(self).items()}
 
 
 def _dtype(name: str) -> torch.dtype:
     dtype = getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype):
-        raise KVTransferError(f"unknown KV dtype {name!r}")
+        raise KVTransferError(f"unknown KV dtype {name!r}", "mismatch")
     return dtype
 
 
@@ -78,19 +110,37 @@ def _tensor(frame: Any, dtype: torch.dtype, shape: list[int] | None) -> torch.Te
     return flat.view(dtype).view(*shape)
 
 
+def layout_dict(handoff: KVHandoff) -> dict[str, Any]:
+    lay = handoff.layout
+    return {
+        "block_size": lay.block_size,
+        "num_kv_heads": lay.num_kv_heads,
+        "head_dim": lay.head_dim,
+        "dtype": lay.dtype,
+        "layer_types": list(lay.layer_types),
+        "sliding_window": lay.sliding_window,
+    }
+
+
 # -- the source -------------------------------------------------------------------------------------------
 class KVServer:
     """Serves this worker's held prompts (KVHandoff.held) to pulling decode workers."""
 
-    def __init__(self, engine: AsyncEngine, handoff: KVHandoff, ctx: zmq.asyncio.Context, address: str):
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        handoff: KVHandoff,
+        ctx: zmq.asyncio.Context,
+        address: str,
+        transports: list[str],
+    ):
         self.engine = engine
         self.handoff = handoff
         self.socket = ctx.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.address = bind(self.socket, address)
-        self.transports = ["zmq"] + (
-            ["cuda_ipc"] if engine.core is not None and engine.core.runner.device.type == "cuda" else []
-        )
+        # What pullers may ask for: "zmq" always, "nixl" when this worker's KV pool is registered.
+        self.transports = transports
         self.num_pulls = 0
         self.num_released = 0
         self._task: asyncio.Task | None = None
@@ -129,20 +179,20 @@ class KVServer:
                 ):
                     self.num_released += 1
                 logger.debug("release %s", msg.request_id)
-            elif isinstance(msg, IpcHandles):
-                await self._ipc_handles(ident, msg)
         except Exception:  # noqa: BLE001 - a failed answer must not stop the server
             logger.exception("KV-plane request failed")
 
     async def _pull(self, ident: bytes, msg: Pull) -> None:
-        ours = _layout_dict(self.handoff)
+        ours = layout_dict(self.handoff)
+        error = ""
         if msg.layout != ours:
-            reply = KVReply(
-                msg.request_id, False, f"KV layouts differ: source {ours}, destination {msg.layout}"
-            )
-            await self.socket.send_multipart([ident, *encode(reply)])
+            error = f"KV layouts differ: source {ours}, destination {msg.layout}"
+        elif msg.transport not in self.transports:
+            error = f"transport {msg.transport!r} not served here (serving {', '.join(self.transports)})"
+        if error:
+            await self.socket.send_multipart([ident, *encode(KVReply(msg.request_id, False, error))])
             return
-        host_copy = msg.transport != "cuda_ipc"
+        host_copy = msg.transport == "zmq"
 
         def export(core: EngineCore) -> ExportedKV | None:
             if msg.request_id not in self.handoff.held:
@@ -172,40 +222,12 @@ class KVServer:
         frames = [_frame(kv.full), _frame(kv.sliding)] if host_copy else []
         await self.socket.send_multipart([ident, *encode(reply, *frames)], copy=False)
 
-    async def _ipc_handles(self, ident: bytes, msg: IpcHandles) -> None:
-        core = self.engine.core
-        if msg.host_id != host_id() or core is None or core.runner.device.type != "cuda":
-            await self.socket.send_multipart(
-                [ident, *encode(KVReply("", False, "CUDA IPC needs one host and a GPU"))]
-            )
-            return
-        from torch.multiprocessing.reductions import reduce_tensor
-
-        dev = core.runner.device
-        uuid = str(torch.cuda.get_device_properties(dev).uuid)
-        # (rebuild function, args) per layer for K and V; args[6] is the device index, which the receiver
-        # maps to its own index of the same GPU (CUDA_VISIBLE_DEVICES may differ between the two).
-        handles = [(reduce_tensor(k), reduce_tensor(v)) for k, v in core.runner.kv_caches]
-        payload = pickle.dumps({"uuid": uuid, "handles": handles})
-        await self.socket.send_multipart([ident, *encode(KVReply("", True), payload)])
-
-
-def _layout_dict(handoff: KVHandoff) -> dict[str, Any]:
-    lay = handoff.layout
-    return {
-        "block_size": lay.block_size,
-        "num_kv_heads": lay.num_kv_heads,
-        "head_dim": lay.head_dim,
-        "dtype": lay.dtype,
-        "layer_types": list(lay.layer_types),
-        "sliding_window": lay.sliding_window,
-    }
-
 
 # -- the destination --------------------------------------------------------------------------------------
 class _Peer:
     """One DEALER to one source's KV server; replies are matched to waiting pulls by request id. A source
-    that drops its connection (it died) or cannot be reached fails its pulls at once, not at the timeout."""
+    that drops its connection (it died) fails its pulls at once, also those asked after the drop; one that
+    was never reached fails them after CONNECT_TIMEOUT_S."""
 
     def __init__(self, ctx: zmq.asyncio.Context, address: str):
         self.address = address
@@ -216,9 +238,15 @@ class _Peer:
         self.monitor = self.socket.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         self.socket.connect(address)
         self.connected = False
+        # Disconnects seen so far: a transfer that saw this change lost its source.
+        self.num_disconnects = 0
         self.waiting: dict[str, asyncio.Future] = {}
         self.reader = asyncio.ensure_future(self._read())
         self.watcher = asyncio.ensure_future(self._watch())
+
+    @property
+    def lost(self) -> bool:
+        return self.num_disconnects > 0 and not self.connected
 
     async def _watch(self) -> None:
         while True:
@@ -227,9 +255,12 @@ class _Peer:
                 self.connected = True
             elif event == zmq.EVENT_DISCONNECTED:
                 self.connected = False
+                self.num_disconnects += 1
                 for fut in self.waiting.values():
                     if not fut.done():
-                        fut.set_exception(KVTransferError(f"KV source {self.address} disconnected"))
+                        fut.set_exception(
+                            KVTransferError(f"KV source {self.address} disconnected", "source_lost")
+                        )
 
     async def _read(self) -> None:
         while True:
@@ -243,7 +274,10 @@ class _Peer:
             if fut is not None and not fut.done():  # else: the pull was cancelled or timed out
                 fut.set_result((reply, frames))
 
-    async def ask(self, key: str, msg: Any, timeout: float) -> tuple[KVReply, list[Any]]:
+    async def ask(self, key: str, msg: Any, deadline: float) -> tuple[KVReply, list[Any]]:
+        """Send `msg` and wait for the reply to `key` until `deadline` (time.monotonic())."""
+        if self.lost:
+            raise KVTransferError(f"KV source {self.address} disconnected", "source_lost")
         if key in self.waiting:
             raise KVTransferError(f"a pull of {key!r} from this source is already under way")
         fut = asyncio.get_running_loop().create_future()
@@ -252,21 +286,24 @@ class _Peer:
         try:
             await self.socket.send_multipart(encode(msg))
             while True:
-                done, _ = await asyncio.wait({fut}, timeout=0.25)
+                done, _ = await asyncio.wait({fut}, timeout=max(0.0, min(0.25, deadline - time.monotonic())))
                 if done:
                     return fut.result()
                 waited = time.monotonic() - start
                 if not self.connected and waited > CONNECT_TIMEOUT_S:
-                    raise KVTransferError(f"KV source {self.address} unreachable for {waited:.0f}s")
-                if waited > timeout:
-                    raise KVTransferError(f"no KV reply from {self.address} in {timeout:.0f}s")
+                    raise KVTransferError(
+                        f"KV source {self.address} unreachable for {waited:.0f}s", "source_lost"
+                    )
+                if time.monotonic() >= deadline:
+                    raise KVTransferError(f"no KV reply from {self.address} in {waited:.1f}s", "timeout")
         finally:
             self.waiting.pop(key, None)
             if not fut.done():
                 fut.cancel()
 
-    async def send(self, msg: Any) -> None:
-        await self.socket.send_multipart(encode(msg))
+    def send(self, msg: Any) -> None:
+        """Fire and forget (queued while the source reconnects; dropped when the queue is full)."""
+        self.socket.send_multipart(encode(msg), flags=zmq.NOBLOCK)
 
     def close(self) -> None:
         self.reader.cancel()
@@ -280,6 +317,9 @@ class KVTransport(ABC):
     """Fetch a held prompt's KV from a source into this engine's reserved blocks."""
 
     name = ""
+    # True when the transport writes the reserved blocks off the engine thread: they are reserved pinned
+    # (KVHandoff.reserve) and the transport ends the pin (KVHandoff.end_import) once nothing writes them.
+    pins_blocks = False
 
     def __init__(
         self,
@@ -303,22 +343,23 @@ class KVTransport(ABC):
         return self.name in source.transports
 
     @abstractmethod
-    async def fetch(self, source: KVSource, request_id: str) -> None:
+    async def fetch(self, source: KVSource, request_id: str, reserved: ReservedBlocks) -> FetchResult:
         """Write the KV the source holds (as `source.request_id`) into the blocks reserved here for
-        `request_id` (raises KVTransferError)."""
+        `request_id` within `timeout_s` (raises KVTransferError)."""
 
-    async def release(self, source: KVSource) -> None:
+    def release(self, source: KVSource) -> None:
         """Tell the source to free its copy (fire and forget)."""
         try:
-            await self.peer(source.kv_address).send(Release(source.request_id))
+            self.peer(source.kv_address).send(Release(source.request_id))
         except zmq.ZMQError as e:
             logger.warning("could not release %s at %s: %s", source.request_id, source.worker_id, e)
 
-    async def _pull(self, source: KVSource) -> tuple[KVReply, list[Any]]:
-        msg = Pull(source.request_id, self.name, _layout_dict(self.handoff))
-        reply, frames = await self.peer(source.kv_address).ask(source.request_id, msg, self.timeout_s)
+    async def _pull(self, source: KVSource, deadline: float) -> tuple[KVReply, list[Any]]:
+        msg = Pull(source.request_id, self.name, layout_dict(self.handoff))
+        reply, frames = await self.peer(source.kv_address).ask(source.request_id, msg, deadline)
         if not reply.ok:
-            raise KVTransferError(f"{source.worker_id}: {reply.error}")
+            reason = "not_held" if reply.error.startswith("not held") else "mismatch"
+            raise KVTransferError(f"{source.worker_id}: {reply.error}", reason)
         return reply, frames
 
     def close(self) -> None:
@@ -332,36 +373,20 @@ class ZmqKVTransport(KVTransport):
 
     name = "zmq"
 
-    async def fetch(self, source: KVSource, request_id: str) -> None:
-        reply, frames = await self._pull(source)
+    async def fetch(self, source: KVSource, request_id: str, reserved: ReservedBlocks) -> FetchResult:
+        start = time.monotonic()
+        reply, frames = await self._pull(source, start + self.timeout_s)
         if len(frames) != 2:
-            raise KVTransferError(f"KV reply with {len(frames)} data frames, expected 2")
+            raise KVTransferError(f"KV reply with {len(frames)} data frames, expected 2", "mismatch")
         dtype = _dtype(reply.dtype)
         full = _tensor(frames[0], dtype, reply.full_shape)
         sliding = _tensor(frames[1], dtype, reply.sliding_shape)
+        left = start + self.timeout_s - time.monotonic()
         try:
-            await self.engine.call(lambda core: self.handoff.write(request_id, full, sliding), self.timeout_s)
+            await self.engine.call(lambda core: self.handoff.write(request_id, full, sliding), max(left, 0.1))
         except (ValueError, KeyError) as e:
-            raise KVTransferError(f"could not write the KV of {request_id}: {e}") from None
-
-
-def make_transports(
-    kind: str,
-    engine: AsyncEngine,
-    handoff: KVHandoff,
-    ctx: zmq.asyncio.Context,
-    timeout_s: float = PULL_TIMEOUT_S,
-) -> list[KVTransport]:
-    """Transports to try, best first: `kind` is auto | zmq | cuda_ipc.
-
-    auto is ZeroMQ: the CUDA IPC transport did not complete its test on the H100 (docs/PERFORMANCE.md, run
-    9: the test ran past 120 s without a result), so it is used only when asked for by name."""
-    if kind not in ("auto", "zmq", "cuda_ipc"):
-        raise ValueError(f"kv_transport is {kind!r}; allowed: 'auto', 'zmq', 'cuda_ipc'")
-    out: list[KVTransport] = []
-    if kind == "cuda_ipc" and torch.cuda.is_available():
-        from osserve.distributed.disagg.kv_cuda_ipc import CudaIpcKVTransport
-
-        out.append(CudaIpcKVTransport(engine, handoff, ctx, timeout_s))
-    out.append(ZmqKVTransport(engine, handoff, ctx, timeout_s))
-    return out
+            raise KVTransferError(f"could not write the KV of {request_id}: {e}", "mismatch") from None
+        except TimeoutError:
+            raise KVTransferError(f"writing the KV of {request_id} passed the deadline", "timeout") from None
+        num_bytes = sum(t.numel() * t.element_size() for t in (full, sliding) if t is not None)
+        return FetchResult(num_bytes, time.monotonic() - start)

@@ -38,7 +38,7 @@ from typing import Any
 import yaml
 
 from osserve.config import EngineConfig
-from osserve.distributed.disagg.protocol import ROLES
+from osserve.distributed.disagg.protocol import ROLES, check_kv_transport
 from osserve.distributed.disagg.remote_engine import FrontendSettings
 from osserve.distributed.disagg.router import ROUTER_MODES
 from osserve.distributed.disagg.worker import check_role_fits_engine
@@ -60,7 +60,16 @@ FRONTEND_KEYS = (
     "log_level",
 )
 DISCOVERY_KEYS = ("etcd", "namespace", "lease_ttl")
-WORKER_KEYS = ("role", "devices", "replicas", "runtime", "kv_transport", "kv_hold_timeout", "host")
+WORKER_KEYS = (
+    "role",
+    "devices",
+    "replicas",
+    "runtime",
+    "kv_transport",
+    "kv_hold_timeout",
+    "kv_transfer_timeout",
+    "host",
+)
 
 
 @dataclass
@@ -71,6 +80,7 @@ class WorkerSpec:
     replicas: int = 1
     kv_transport: str = "auto"
     kv_hold_timeout: float = 60.0
+    kv_transfer_timeout: float = 30.0
     host: str = "127.0.0.1"
 
 
@@ -164,6 +174,10 @@ def parse_deployment(data: dict[str, Any]) -> DeploymentSpec:
             check_role_fits_engine(role, EngineConfig.from_dict(engine))
         except ValueError as e:
             raise ValueError(f"workers[{i}].runtime: {e}") from None
+        try:
+            check_kv_transport(w.get("kv_transport", "auto"))
+        except ValueError as e:
+            raise ValueError(f"workers[{i}].{e}") from None
         replicas = w.get("replicas", 1)
         if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
             raise ValueError(f"workers[{i}].replicas must be an integer >= 1, got {replicas!r}")
@@ -175,6 +189,7 @@ def parse_deployment(data: dict[str, Any]) -> DeploymentSpec:
                 replicas,
                 w.get("kv_transport", "auto"),
                 float(w.get("kv_hold_timeout", 60.0)),
+                float(w.get("kv_transfer_timeout", 30.0)),
                 w.get("host", "127.0.0.1"),
             )
         )
@@ -244,6 +259,8 @@ class Deployment:
                     w.kv_transport,
                     "--kv-hold-timeout",
                     str(w.kv_hold_timeout),
+                    "--kv-transfer-timeout",
+                    str(w.kv_transfer_timeout),
                     "--engine-json",
                     json.dumps(w.engine),
                     "--log-level",

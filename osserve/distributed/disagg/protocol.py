@@ -16,6 +16,17 @@ from osserve.engine.outputs import RequestOutput
 from osserve.sampling_params import SamplingParams
 
 ROLES = ("prefill", "decode", "both")
+# How a decode worker pulls KV (docs/DEPLOY.md, "KV transfer"): auto = nixl when both sides registered their
+# KV pool with NIXL, else zmq.
+KV_TRANSPORTS = ("auto", "zmq", "nixl")
+
+
+def check_kv_transport(name: str) -> str:
+    """`name` if it is a KV transport (raises ValueError naming the valid ones otherwise)."""
+    if name not in KV_TRANSPORTS:
+        hint = " (cuda_ipc was removed: nixl moves KV GPU to GPU on one host)" if name == "cuda_ipc" else ""
+        raise ValueError(f"kv_transport is {name!r}{hint}; allowed: {', '.join(KV_TRANSPORTS)}")
+    return name
 
 
 # -- control plane ----------------------------------------------------------------------------------------
@@ -24,11 +35,10 @@ class KVSource(msgspec.Struct):
 
     worker_id: str
     kv_address: str
-    # Host identity (hostname + boot id): device-to-device transports work only between equal ones.
-    host_id: str
     # The request's id on the source (a retried request gets a new id per attempt).
     request_id: str
-    # KV transports the source serves ("zmq" always; "cuda_ipc" when its KV pool is on a GPU).
+    # KV transports the source serves ("zmq" always; "nixl" when its KV pool is registered with NIXL, whose
+    # agent metadata is in the source's registry record).
     transports: list[str] = msgspec.field(default_factory=lambda: ["zmq"])
 
 
@@ -94,7 +104,7 @@ class Stats(msgspec.Struct):
 # -- KV plane ---------------------------------------------------------------------------------------------
 class Pull(msgspec.Struct):
     request_id: str
-    # "zmq": the KV bytes come back in the reply; "cuda_ipc": only the block ids (the puller copies).
+    # "zmq": the KV bytes come back in the reply; "nixl": only the block ids (the puller READs them).
     transport: str
     layout: dict[str, Any]
 
@@ -113,12 +123,6 @@ class KVReply(msgspec.Struct):
 
 class Release(msgspec.Struct):
     request_id: str
-
-
-class IpcHandles(msgspec.Struct):
-    """Ask a worker for its KV pool's CUDA IPC handles (reply: KVReply with ok, then one pickled frame)."""
-
-    host_id: str
 
 
 # -- registry (frontend-held, when the deployment names no etcd) --------------------------------------------
@@ -152,7 +156,6 @@ _STRUCTS = {
         Pull,
         KVReply,
         Release,
-        IpcHandles,
         RegistryCall,
         RegistryReply,
     )

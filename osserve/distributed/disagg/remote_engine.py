@@ -197,14 +197,22 @@ class RemoteEngine:
     def stats(self) -> dict[str, Any]:
         workers = list(self.cluster.workers.values()) if self.cluster else []
         kv: dict[str, int] = {}
+        # The decode workers' KV fetches and fallbacks ({"bytes": {"nixl": n}, "fallbacks": {"timeout": n}...}).
+        # NOTE: the sums drop a worker that left, as a restarted process's counters would.
+        transfer: dict[str, dict[str, float]] = {}
         for w in workers:
             for k, v in w.stats.get("kv", {}).items():
                 kv[k] = kv.get(k, 0) + v
+            for what, by_label in w.stats.get("kv_transfer", {}).items():
+                sums = transfer.setdefault(what, {})
+                for label, v in by_label.items():
+                    sums[label] = sums.get(label, 0) + v
         return {
             "num_running": sum(w.stats.get("num_running", 0) for w in workers),
             "num_waiting": sum(w.stats.get("num_waiting", 0) for w in workers) + self.num_pending,
             "num_steps": sum(w.stats.get("num_steps", 0) for w in workers),
             "kv": kv,
+            "kv_transfer": transfer,
         }
 
     def health(self) -> dict[str, Any]:

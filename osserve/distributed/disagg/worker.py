@@ -3,14 +3,16 @@
 Roles (what the frontend sends it; the worker itself serves any mode):
 - prefill: requests stop after their first token; the prompt's KV stays held until a decode worker has
   pulled it (or the frontend releases it, or `kv_hold_timeout` passes).
-- decode: requests continue from a handoff: reserve blocks, pull the KV from the prefill worker, write it,
-  decode. Without a KV source (its prefill worker died) or when the pull fails, the prompt and the tokens
-  so far are recomputed here instead.
+- decode: requests continue from a handoff: reserve blocks, fetch the KV from the prefill worker into them
+  (kv_transfer.py: ZeroMQ bytes, or a NIXL READ, kv_nixl.py), decode. Without a KV source (its prefill
+  worker died), or when the fetch fails or passes its deadline, the prompt and the tokens so far are
+  recomputed here instead (counted by reason).
 - both: whole requests (aggregated serving; data parallel behind one frontend).
 
 Sockets (ZeroMQ): control ROUTER (frontends' DEALERs: Generate / Abort / StatsQuery in, Output / Failed /
 Stats out) and KV ROUTER (decode workers pull here). The worker registers under a lease in etcd or in the
-frontend's registry, as "loading" first and "ready" once the model is up; SIGTERM revokes the lease first.
+frontend's registry, as "loading" first and "ready" once the model is up (with its NIXL agent's metadata
+when its KV pool is registered); SIGTERM revokes the lease first.
 """
 
 from __future__ import annotations
@@ -34,17 +36,14 @@ from osserve.distributed.disagg.discovery import (
     EtcdRegistry,
     Registration,
     Registry,
+    RegistryError,
     RemoteRegistry,
     bind,
     workers_prefix,
 )
-from osserve.distributed.disagg.kv_transfer import (
-    KVServer,
-    KVTransferError,
-    KVTransport,
-    host_id,
-    make_transports,
-)
+from osserve.distributed.disagg.kv_import import KVImporter
+from osserve.distributed.disagg.kv_nixl import NixlPool, import_nixl
+from osserve.distributed.disagg.kv_transfer import PULL_TIMEOUT_S, KVServer, KVTransferError
 from osserve.distributed.disagg.protocol import (
     ROLES,
     Abort,
@@ -55,6 +54,7 @@ from osserve.distributed.disagg.protocol import (
     Output,
     Stats,
     StatsQuery,
+    check_kv_transport,
     decode,
     encode,
     params_from_wire,
@@ -67,8 +67,6 @@ from osserve.engine.request import RequestStatus
 
 logger = logging.getLogger("osserve.disagg.worker")
 
-# How long a continued request waits for KV room before its frontend is told to try elsewhere.
-RESERVE_TIMEOUT_S = 30.0
 HASH_REFRESH_S = 0.5
 # An engine thread that has not come back between two steps for this long is hung (a stuck device, say).
 ENGINE_STALL_S = 120.0
@@ -90,9 +88,13 @@ class WorkerOptions:
     namespace: str = "default"
     lease_ttl: float = 10.0
     worker_id: str | None = None
+    # How this worker pulls KV (auto | zmq | nixl) and what it serves besides ZeroMQ (nixl unless zmq).
     kv_transport: str = "auto"
     # Seconds a prefill worker holds a prompt's KV for a decode worker that never pulls it.
     kv_hold_timeout: float = 60.0
+    # Seconds a decode worker's KV fetch may take (asking the source, moving, writing) before it gives up
+    # and recomputes the prompt. NOTE: keep it under the prefill workers' kv_hold_timeout.
+    kv_transfer_timeout: float = PULL_TIMEOUT_S
     # Test hook: seconds to wait between reserving blocks and pulling the KV (widens the transfer phase).
     debug_transfer_delay: float = 0.0
 
@@ -101,6 +103,9 @@ class WorkerOptions:
             raise ValueError(f"role is {self.role!r}; allowed: {', '.join(ROLES)}")
         if (self.etcd is None) == (self.registry is None):
             raise ValueError("give exactly one of --etcd URL and --registry tcp://HOST:PORT (the frontend's)")
+        check_kv_transport(self.kv_transport)
+        if not self.kv_transfer_timeout > 0:
+            raise ValueError(f"kv_transfer_timeout must be > 0 seconds, got {self.kv_transfer_timeout}")
         if self.worker_id is None:
             self.worker_id = f"{self.role}-{pysocket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
@@ -140,7 +145,9 @@ class Worker:
         self.engine: AsyncEngine | None = None
         self.handoff: KVHandoff | None = None
         self.kv_server: KVServer | None = None
-        self.transports: list[KVTransport] = []
+        self.nixl_pool: NixlPool | None = None
+        self.importer: KVImporter | None = None
+        self.registry: Registry | None = None
         self.registration: Registration | None = None
         self.control: zmq.asyncio.Socket | None = None
         self.control_address = ""
@@ -156,7 +163,7 @@ class Worker:
         self._hash_versions: dict[int, set[int]] = {0: set()}
         self._hash_version = 0
         self._engine_stats: dict[str, Any] = {}
-        self.counters: dict[str, int] = {"requests": 0, "kv_pulled": 0, "kv_recomputed": 0, "held_expired": 0}
+        self.counters: dict[str, int] = {"requests": 0, "held_expired": 0}
         self.aborted: dict[str, int] = {"queued": 0, "prefill": 0, "transfer": 0, "decode": 0}
 
     # -- lifecycle -------------------------------------------------------------------------------------
@@ -167,7 +174,6 @@ class Worker:
             "role": self.opts.role,
             "state": self.state,
             "control_address": self.control_address,
-            "host_id": host_id(),
             "hostname": pysocket.gethostname(),
             "pid": os.getpid(),
             "model": self.engine.model_name if self.engine else None,
@@ -184,6 +190,8 @@ class Worker:
                 num_kv_blocks=core.kv.pool.num_usable,
                 device=str(core.runner.device),
             )
+        if self.nixl_pool is not None:
+            rec["nixl"] = self.nixl_pool.record()
         return rec
 
     def _registry(self) -> Registry:
@@ -197,6 +205,13 @@ class Worker:
             from osserve.server.tokenizer import load_tokenizer
 
             self.tokenizer = load_tokenizer()
+        nixl = None
+        if self.opts.kv_transport != "zmq":
+            nixl = import_nixl()
+            if nixl is None and self.opts.kv_transport == "nixl":
+                logger.error("kv_transport nixl needs NIXL: pip install nixl-cu13 (or osserve[nixl])")
+                self.ctx.term()
+                return 1
         self.engine = engine = AsyncEngine(self.config, self.tokenizer)
         self.control = self.ctx.socket(zmq.ROUTER)
         self.control.setsockopt(zmq.LINGER, 0)
@@ -204,7 +219,7 @@ class Worker:
         self.control_address = self.control_address.replace(
             f"//{self.opts.host}:", f"//{self.opts.public_host}:"
         )
-        registry = self._registry()
+        self.registry = registry = self._registry()
         key = workers_prefix(self.opts.namespace) + self.worker_id
         self.registration = Registration(registry, key, self.opts.lease_ttl)
         engine.start()
@@ -220,7 +235,9 @@ class Worker:
                 self.state = "dead"
                 await self.registration.update(self.record())
                 return 1
-            await self._go_ready(stop)
+            if not await self._go_ready(stop, nixl):
+                self.state = "dead"
+                return 1
             await stop.wait()
         finally:
             logger.info("worker %s stopping", self.worker_id)
@@ -235,27 +252,48 @@ class Worker:
             await asyncio.gather(serving, *self._bg, return_exceptions=True)
             if self.kv_server is not None:
                 await self.kv_server.close()
-            for t in self.transports:
-                t.close()
+            if self.importer is not None:
+                self.importer.close()
+            if self.nixl_pool is not None:
+                self.nixl_pool.close()
             await registry.close()
             self.control.close(0)
             await asyncio.get_running_loop().run_in_executor(None, engine.shutdown)
             self.ctx.term()
         return self.exit_code
 
-    async def _go_ready(self, stop: asyncio.Event) -> None:
+    async def _go_ready(self, stop: asyncio.Event, nixl: Any) -> bool:
+        """Serve KV and requests (False: NIXL was asked for by name and could not be set up)."""
         engine = self.engine
         assert engine is not None and engine.core is not None
-        self.handoff = KVHandoff(engine.core)
-        engine.after_step = self.handoff.after_step
+        self.handoff = handoff = KVHandoff(engine.core)
+        engine.after_step = handoff.after_step
+        if nixl is not None:
+            try:
+                self.nixl_pool = NixlPool.of(nixl, self.worker_id, engine.core)
+            except Exception as e:  # noqa: BLE001 - NIXL raises its own exception types
+                if self.opts.kv_transport == "nixl":
+                    logger.error("kv_transport nixl: cannot register the KV pool with NIXL: %r", e)
+                    return False
+                logger.warning("NIXL unavailable (%r); KV moves over ZeroMQ", e)
+        served = ["zmq"] + (["nixl"] if self.nixl_pool is not None else [])
         self.kv_server = KVServer(
-            engine, self.handoff, self.ctx, f"tcp://{self.opts.host}:{self.opts.kv_port}"
+            engine, handoff, self.ctx, f"tcp://{self.opts.host}:{self.opts.kv_port}", served
         )
         self.kv_server.address = self.kv_server.address.replace(
             f"//{self.opts.host}:", f"//{self.opts.public_host}:"
         )
         self.kv_server.start()
-        self.transports = make_transports(self.opts.kv_transport, engine, self.handoff, self.ctx)
+        self.importer = KVImporter(
+            engine,
+            handoff,
+            self.ctx,
+            self.opts.kv_transport,
+            self.opts.kv_transfer_timeout,
+            self.nixl_pool,
+            self._record_of,
+            self.opts.debug_transfer_delay,
+        )
         await self._refresh()
         self._spawn(self._housekeeping(stop))
         self.state = "ready"
@@ -268,6 +306,16 @@ class Worker:
             self.control_address,
             self.kv_server.address,
         )
+        return True
+
+    async def _record_of(self, worker_id: str) -> dict[str, Any] | None:
+        """Another worker's registry record (for its NIXL agent's metadata)."""
+        assert self.registry is not None
+        key = workers_prefix(self.opts.namespace) + worker_id
+        try:
+            return (await self.registry.list(key)).get(key)
+        except RegistryError as e:
+            raise KVTransferError(f"registry: {e}") from None
 
     def _spawn(self, coro: Any) -> asyncio.Task:
         task = asyncio.ensure_future(coro)
@@ -353,7 +401,13 @@ class Worker:
     def _stats(self, query: StatsQuery) -> Stats:
         # Taken on the engine thread between two steps (housekeeping), so all of it is one consistent view.
         s = dict(self._engine_stats)
-        s.update(num_tasks=len(self.tasks), counters=dict(self.counters), aborted=dict(self.aborted))
+        importer = self.importer
+        s.update(
+            num_tasks=len(self.tasks),
+            counters={**self.counters, **(importer.counters() if importer is not None else {})},
+            aborted=dict(self.aborted),
+            kv_transfer=importer.stats.as_dict() if importer is not None else {},
+        )
         if self.kv_server is not None:
             s.update(kv_pulls_served=self.kv_server.num_pulls, kv_released=self.kv_server.num_released)
         current = self._hash_versions[self._hash_version]
@@ -405,8 +459,8 @@ class Worker:
     # -- one request -----------------------------------------------------------------------------------
     async def _serve_request(self, ident: bytes, msg: Generate) -> None:
         rid = msg.request_id
-        engine, handoff = self.engine, self.handoff
-        if engine is None or handoff is None or self.state != "ready":
+        engine, handoff, importer = self.engine, self.handoff, self.importer
+        if engine is None or handoff is None or importer is None or self.state != "ready":
             await self._send(ident, Failed(rid, f"worker {self.worker_id} is {self.state}", retryable=True))
             return
         try:
@@ -430,7 +484,7 @@ class Worker:
                     list(h.output_token_ids), h.num_sent_chars, h.cumulative_logprob, h.rng_state
                 )
                 self.stages[rid] = "transfer" if msg.kv_source is not None else "prefill"
-                stream = await self._continue(rid, prompt, params, state, msg.kv_source)
+                stream = await importer.continue_request(rid, prompt, params, state, msg.kv_source)
                 self.stages[rid] = "decode" if msg.kv_source is not None else "prefill"
             else:
                 raise ValueError(f"unknown mode {msg.mode!r}; allowed: generate, prefill, continue")
@@ -460,86 +514,11 @@ class Worker:
             return Output(rid, out)
         assert self.kv_server is not None
         out.finished = False  # finished here, not for the client: a decode worker continues it
-        source = KVSource(
-            self.worker_id, self.kv_server.address, host_id(), rid, list(self.kv_server.transports)
-        )
+        source = KVSource(self.worker_id, self.kv_server.address, rid, list(self.kv_server.transports))
         handoff = Handoff(
             state.output_token_ids, state.num_sent_chars, state.cumulative_logprob, state.rng_state
         )
         return Output(rid, out, handoff, source)
-
-    async def _continue(
-        self, rid: str, prompt: list[int], params: Any, state: HandoffState, source: KVSource | None
-    ) -> Any:
-        engine, handoff = self.engine, self.handoff
-        assert engine is not None and handoff is not None
-        usable = [t for t in self.transports if source is not None and t.can_fetch(source)]
-        if source is not None and len(state.output_token_ids) == 1 and usable:
-            try:
-                await self._reserve(rid, prompt, params)
-                try:
-                    if self.opts.debug_transfer_delay:
-                        await asyncio.sleep(self.opts.debug_transfer_delay)
-                    await self._fetch(usable, source, rid)
-                except BaseException:
-                    await engine.call(lambda core: handoff.release(rid), 30.0)
-                    raise
-                self.counters["kv_pulled"] += 1
-                return engine.adopt(
-                    rid,
-                    lambda core, handle: handoff.start_continued(rid, state, handle),
-                    params,
-                    prompt,
-                    _restored(state),
-                )
-            except KVTransferError as e:
-                logger.warning(
-                    "request %s: KV pull from %s failed (%s); recomputing the prompt here",
-                    rid,
-                    source.worker_id,
-                    e,
-                )
-        self.counters["kv_recomputed"] += 1
-        return engine.adopt(
-            rid,
-            lambda core, handle: handoff.start_resumed(rid, prompt, params, state, handle),
-            params,
-            prompt,
-            _restored(state),
-        )
-
-    async def _reserve(self, rid: str, prompt: list[int], params: Any) -> None:
-        engine, handoff = self.engine, self.handoff
-        assert engine is not None and handoff is not None
-        deadline = time.monotonic() + RESERVE_TIMEOUT_S
-        while not await engine.call(lambda core: handoff.reserve(rid, prompt, params), 30.0):
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"no room for the KV of {len(prompt)} prompt tokens in {RESERVE_TIMEOUT_S:.0f}s"
-                )
-            await asyncio.sleep(0.02)
-
-    async def _fetch(self, transports: list[KVTransport], source: KVSource, rid: str) -> None:
-        last: KVTransferError | None = None
-        for transport in transports:
-            try:
-                await transport.fetch(source, rid)
-            except KVTransferError as e:
-                logger.warning("KV transport %s failed for %s: %s", transport.name, rid, e)
-                last = e
-                continue
-            # Received: the source may free its copy now.
-            await transport.release(source)
-            key = f"kv_pulled_{transport.name}"
-            self.counters[key] = self.counters.get(key, 0) + 1
-            return
-        assert last is not None
-        raise last
-
-
-def _restored(state: HandoffState) -> tuple[list[int], int, float]:
-    """What the client side of the engine continues from: the tokens, the text already sent, the logprob."""
-    return list(state.output_token_ids), state.num_sent_chars, state.cumulative_logprob
 
 
 async def serve_worker(worker: Worker) -> int:

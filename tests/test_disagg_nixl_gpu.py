@@ -1,5 +1,6 @@
-"""The GPU KV transport (CUDA IPC): a prefill and a decode worker sharing GPU 0, the decode worker copying the
-prompt's KV device to device out of the prefill worker's pool. Needs CUDA; skipped elsewhere."""
+"""The NIXL KV transport between GPU workers: a prefill and a decode worker sharing GPU 0, the decode worker
+READing the prompt's KV device to device out of the prefill worker's pool (UCX's CUDA IPC transport; no host
+copy: both pools are registered as VRAM). Needs CUDA and NIXL; skipped elsewhere."""
 
 from __future__ import annotations
 
@@ -11,15 +12,18 @@ import yaml
 from disagg_util import MODEL_NAME, complete, completion_prompts, endpoints, run, spawn, stop, wait_health
 from live import free_port
 
+from osserve.distributed.disagg.kv_nixl import import_nixl
+
 pytestmark = [
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA IPC KV transport needs a GPU"),
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="KV transfer between GPU workers needs a GPU"),
+    pytest.mark.skipif(import_nixl() is None, reason="needs NIXL (pip install nixl-cu13)"),
     pytest.mark.timeout(600),
 ]
 # float32 so that greedy picks do not depend on how requests were batched.
 GPU_ENGINE = {"max_seq_len": 1024, "dtype": "float32", "kv_cache_config": {"max_blocks": 256}}
 
 
-def test_cuda_ipc_transfer_matches_single_process(tiny_ckpt, tmp_path):
+def test_nixl_transfer_between_gpu_workers_matches_single_process(tiny_ckpt, tmp_path):
     port, ref_port = free_port(), free_port()
     spec = {
         "model": str(tiny_ckpt),
@@ -27,8 +31,8 @@ def test_cuda_ipc_transfer_matches_single_process(tiny_ckpt, tmp_path):
         **GPU_ENGINE,
         "frontend": {"port": port, "router_mode": "kv"},
         "workers": [
-            {"role": "prefill", "devices": [0], "kv_transport": "cuda_ipc"},
-            {"role": "decode", "devices": [0], "kv_transport": "cuda_ipc"},
+            {"role": "prefill", "devices": [0], "kv_transport": "nixl"},
+            {"role": "decode", "devices": [0], "kv_transport": "nixl", "kv_transfer_timeout": 20},
         ],
     }
     (tmp_path / "deploy.yaml").write_text(yaml.safe_dump(spec))
@@ -67,12 +71,15 @@ def test_cuda_ipc_transfer_matches_single_process(tiny_ckpt, tmp_path):
         body = wait_health(
             url,
             lambda code, b: (
-                sum(e["counters"].get("kv_pulled_cuda_ipc", 0) for e in endpoints(b, "decode")) >= 16
+                sum(e["kv_transfer"]["fetches"].get("nixl", 0) for e in endpoints(b, "decode")) >= 16
             ),
             10,
-            "CUDA IPC pulls",
+            "NIXL fetches",
+            logs,
         )
         assert all(e["kv_cache"]["in_use"] == 0 for e in endpoints(body))
+        assert not any(any(e["kv_transfer"]["fallbacks"].values()) for e in endpoints(body, "decode"))
+        assert "of VRAM on cuda:0" in logs[0].read_text()  # both pools registered as device memory
     finally:
         stop(deployment)
         stop(reference)
