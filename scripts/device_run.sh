@@ -15,12 +15,16 @@
 #   structured         grammar mask time on this host; a server (MODEL) with 64 plain chat streams, then 64
 #                      json_schema streams (P10: within 15%), and every structured request kind checked valid
 #                      (needs llguidance and jsonschema with its needs in .whl)
+#   kv-transfer        disaggregated serving on this GPU: KV over NIXL against ZeroMQ against aggregated serving
+#                      (scripts/gpu_kv_transfer.sh, its PARTS / INPUT_LEN / CONCURRENCY / PROMPTS variables;
+#                      needs the slimmed nixl-cu13 wheel in .whl)
 #   serve:NAME         `osserve serve` + `osserve bench serve` workloads, configured by the variables below
 #
 # serve:NAME reads, with defaults: MODEL (random:gpt-oss-20b), SERVE_ARGS (extra `osserve serve` flags),
 # ROOT (the checkout to serve from: `.` or a second checkout carried beside it, e.g. `.old` for a before/after
 # in one lease), WORKLOADS (space-separated CONC:PROMPTS:IN:OUT, e.g. "1:4:1024:256 512:512:1000:1000"),
-# PYSPY (seconds of py-spy on the engine process during the last workload; 0: none). NAME_MODEL, NAME_SERVE_ARGS,
+# PYSPY (seconds of py-spy on the engine process during the last workload, from PYSPY_DELAY seconds into it,
+# default 25; 0: none). NAME_MODEL, NAME_SERVE_ARGS,
 # NAME_ROOT, NAME_WORKLOADS, NAME_PYSPY (NAME with anything but letters, digits and _ as _) override them
 # for one suite.
 # Example: WORKLOADS="512:512:1000:1000" old_ROOT=.old bash scripts/device_run.sh ceilings serve:new serve:old
@@ -132,7 +136,7 @@ suite_serve() {  # suite_serve NAME
   for w in $workloads; do
     IFS=: read conc n in out <<< "$w"
     if [ "$w" = "$last" ] && [ "$pyspy" != 0 ]; then
-      ( sleep 25; engine=$(grep -o "engine process started (pid [0-9]*" "$R/server-$name.log" | grep -o "[0-9]*$")
+      ( sleep "$(opt "$name" PYSPY_DELAY 25)"; engine=$(grep -o "engine process started (pid [0-9]*" "$R/server-$name.log" | grep -o "[0-9]*$")
         timeout $((pyspy + 15)) /tmp/site/bin/py-spy record --pid "${engine:-$SERVER}" --duration "$pyspy" --rate 200 \
               --nonblocking --format raw --output "$R/pyspy-$name.txt" > "$R/pyspy-$name.log" 2>&1 ) &
       spy=$!
@@ -147,6 +151,10 @@ suite_serve() {  # suite_serve NAME
   grep -E "engine:" "$R/server-$name.log" | tail -4
   kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null
   [ -f "$R/pyspy-$name.txt" ] && python3 scripts/pyspy_top.py "$R/pyspy-$name.txt" | head -25
+}
+
+suite_kv-transfer() {
+  OUT=$R LABEL=${LABEL:-kv} bash scripts/gpu_kv_transfer.sh 2>&1 | tail -60
 }
 
 for s in "$@"; do
