@@ -234,15 +234,17 @@ class AsyncEngine:
         try:
             self.core, self.model_name = self._build()
         except Exception as e:  # noqa: BLE001 - any load failure makes the engine dead, with the reason
-            logger.exception("engine failed to load")
+            # NOTE: the reason is the server's one line (state.error); the traceback only at debug level.
+            logger.debug("engine failed to load", exc_info=True)
             self.state, self.error = "dead", f"{type(e).__name__}: {e}"
             self._ready.set()
             return
+        self.stats = core_stats = self.core.stats()  # /health shows the KV cache before the first step
         self.state = "ready"
         self._ready.set()
         logger.info("engine ready: serving %s", self.model_name)
         core = self.core
-        report = _ProgressLog(core.stats())
+        report = _ProgressLog(core_stats)
         try:
             while True:
                 block = not core.has_unfinished()

@@ -222,7 +222,7 @@ def _child_main(config: EngineConfig, inbox: Connection, outbox: Connection, log
     try:
         core, name = build_engine(config, load_tokenizer())
     except Exception as e:  # noqa: BLE001 - any load failure is reported to the server, with the reason
-        logger.exception("engine failed to load")
+        logger.debug("engine failed to load", exc_info=True)
         outbox.send(("dead", f"{type(e).__name__}: {e}"))
         return
     outbox.send(("ready", name, core.vocab_size, core.max_seq_len, core.stats()))

@@ -15,19 +15,12 @@ from starlette.responses import JSONResponse, Response
 from osserve.engine.outputs import CompletionOutput
 from osserve.harmony.parse import Delta, OutputParser, coalesce
 from osserve.harmony.render import render_chat
-from osserve.server.errors import APIError, bad_request, from_value_error
+from osserve.server.errors import bad_request
 from osserve.server.logprobs import chat_logprob
+from osserve.server.prompts import check_prompt_length, check_unicode, prompt_budget
 from osserve.server.protocol import ChatCompletionRequest
-from osserve.server.serving import (
-    ClientDisconnected,
-    EngineStream,
-    EventStream,
-    ServerState,
-    sampling_params,
-    sse,
-    until_disconnect,
-    usage_requested,
-)
+from osserve.server.serving import EngineStream, ServerState, sampling_params, usage_requested
+from osserve.server.sse import ClientDisconnected, chat_error_events, done_event, sse
 
 logger = logging.getLogger("osserve.server")
 EFFORTS = ("low", "medium", "high")
@@ -199,12 +192,12 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
         )
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
-    try:
-        prompt_ids = render_chat(_dump(req.messages), _dump(req.tools), req.tool_choice, _effort(req))
-    except ValueError as e:
-        raise from_value_error(e) from None
-    tok = state.tokenizer
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    max_seq_len = state.max_seq_len
+    budget = prompt_budget(max_seq_len, max_tokens)
+    prompt_ids = await state.prompts.run(_render, req, budget)
+    check_prompt_length(len(prompt_ids), budget, max_seq_len, max_tokens, "messages")
+    tok = state.tokenizer
     top = (req.top_logprobs or 0) if req.logprobs else None
     params = sampling_params(
         req,
@@ -226,9 +219,9 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
     choices = [ChoiceState(i, state, stops, top) for i in range(req.n)]
     head = {"id": request_id, "created": int(time.time()), "model": state.served_model_name}
     if req.stream:
-        return EventStream(_stream(stream, choices, head, req), stream.aclose)
+        return state.event_stream(_stream(stream, choices, head, req), stream.aclose, chat_error_events)
     try:
-        await until_disconnect(raw, _consume(stream, choices))
+        await state.finish_or_stop(raw, _consume(stream, choices))
     except ClientDisconnected:
         return Response(status_code=499)
     finally:
@@ -249,6 +242,14 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
     }
     _count_reasoning(state, choices)
     return JSONResponse(body)
+
+
+def _render(req: ChatCompletionRequest, stop_after: int | None) -> list[int]:
+    """The prompt (on a worker thread): the whole request is checked for text that is not Unicode first."""
+    check_unicode(req.model_dump(exclude_unset=True))
+    return render_chat(
+        _dump(req.messages), _dump(req.tools), req.tool_choice, _effort(req), stop_after=stop_after
+    )
 
 
 def _count_reasoning(state: ServerState, choices: list[ChoiceState]) -> None:
@@ -276,27 +277,22 @@ async def _stream(
 
     for c in choices:
         yield chunk(c.index, {"role": "assistant", "content": ""})
-    try:
-        async for out in stream:
-            for o in out.outputs:
-                c = choices[o.index]
-                if c.done:
-                    continue
-                deltas, logprobs = c.feed(o)
-                for d in deltas:
-                    lp = {"content": logprobs} if logprobs and d.kind == "content" else None
-                    logprobs = [] if lp else logprobs
-                    yield chunk(c.index, delta_dict(d), logprobs=lp)
-                if c.done:
-                    yield chunk(c.index, {}, c.finish_reason)
-            if all(c.done for c in choices):
-                stream.close_reason = "stop"
-                break
-    except APIError as e:
-        yield sse(e.body())
-        yield sse("[DONE]")
-        return
+    async for out in stream:
+        for o in out.outputs:
+            c = choices[o.index]
+            if c.done:
+                continue
+            deltas, logprobs = c.feed(o)
+            for d in deltas:
+                lp = {"content": logprobs} if logprobs and d.kind == "content" else None
+                logprobs = [] if lp else logprobs
+                yield chunk(c.index, delta_dict(d), logprobs=lp)
+            if c.done:
+                yield chunk(c.index, {}, c.finish_reason)
+        if all(c.done for c in choices):
+            stream.close_reason = "stop"
+            break
     _count_reasoning(stream.state, choices)
     if with_usage:
         yield sse({**chunk_head, "choices": [], "usage": _usage(stream, choices)})
-    yield sse("[DONE]")
+    yield done_event()

@@ -2,10 +2,13 @@
 
 Bad input is always a 4xx: FastAPI's validation errors, malformed JSON and unknown routes are converted
 here, and a ValueError raised while checking a request becomes a 400 that names the field where it can.
+Anything else, native libraries' panics (BaseException) included, is a 500 in the same shape; only
+KeyboardInterrupt, SystemExit and cancellation pass through (`PROPAGATE`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -46,6 +49,44 @@ class APIError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+# What must never be turned into an error response: stopping the process, and task cancellation.
+PROPAGATE = (KeyboardInterrupt, SystemExit, asyncio.CancelledError, GeneratorExit)
+
+
+def internal_error(e: BaseException, doing: str) -> APIError:
+    """A failure that is not the client's (a bug, or a native library's panic), logged with its traceback."""
+    logger.error("internal error while %s", doing, exc_info=e)
+    detail = str(e).splitlines()[0][:300] if str(e) else ""
+    return APIError(
+        500,
+        f"internal error while {doing}: {type(e).__name__}" + (f": {detail}" if detail else ""),
+        "server_error",
+        None,
+        "internal_error",
+    )
+
+
+def draining_error() -> APIError:
+    return APIError(
+        503,
+        "the server is shutting down and takes no new requests; retry (on another replica)",
+        "server_error",
+        None,
+        "server_draining",
+        {"Retry-After": "1"},
+    )
+
+
+def shutdown_error(grace_s: float) -> APIError:
+    return APIError(
+        503,
+        f"the server shut down before this request finished (it had {grace_s:g} s to finish); retry it",
+        "server_error",
+        None,
+        "server_shutdown",
+    )
 
 
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
@@ -167,8 +208,3 @@ def install_handlers(app: FastAPI) -> None:
         if exc.status_code == 404:
             message = f"no route {request.method} {request.url.path}; see GET /docs for the API"
         return APIError(exc.status_code, message, kind, None, code, getattr(exc, "headers", None)).response()
-
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("internal error on %s %s", request.method, request.url.path)
-        return APIError(500, f"internal server error: {type(exc).__name__}", "server_error").response()

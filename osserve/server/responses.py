@@ -14,17 +14,11 @@ from starlette.responses import JSONResponse, Response
 from osserve.harmony.parse import Delta
 from osserve.harmony.render import render_responses
 from osserve.server.chat import ChoiceState
-from osserve.server.errors import APIError, bad_request, from_value_error
+from osserve.server.errors import APIError, bad_request
+from osserve.server.prompts import check_prompt_length, check_unicode, prompt_budget
 from osserve.server.protocol import ResponsesRequest
-from osserve.server.serving import (
-    ClientDisconnected,
-    EngineStream,
-    EventStream,
-    ServerState,
-    sampling_params,
-    sse,
-    until_disconnect,
-)
+from osserve.server.serving import EngineStream, ServerState, sampling_params
+from osserve.server.sse import ClientDisconnected, sse
 
 _PREFIX = {"reasoning": "rs", "content": "msg", "tool_call": "fc"}
 
@@ -120,6 +114,17 @@ class ResponseBuilder:
             return {"type": "reasoning_text", "text": text}
         return {"type": "output_text", "text": text, "annotations": [], "logprobs": list(self._logprobs)}
 
+    def error_events(self, error: APIError) -> list[str]:
+        """How a stream ends on an error: an `error` event, then `response.failed` with the response."""
+        events = [
+            self.event("error", code=error.code, message=error.message, param=error.param),
+            self.event(
+                "response.failed",
+                response=self.response("failed", error={"code": error.code, "message": error.message}),
+            ),
+        ]
+        return [sse(e, e["type"]) for e in events]
+
     def close(self, status: str) -> list[dict[str, Any]]:
         """Finish the open item, if any."""
         if self._open_index is None:
@@ -187,14 +192,11 @@ async def create_response(state: ServerState, req: ResponsesRequest, raw: Reques
     state.require_ready()
     _check_supported(req)
     effort = req.reasoning.effort if req.reasoning is not None else None
-    items = req.input if isinstance(req.input, str) else [i.model_dump(exclude_unset=True) for i in req.input]
     tools = [t.model_dump(exclude_unset=True) for t in req.tools] if req.tools is not None else None
-    try:
-        prompt_ids = render_responses(
-            items, req.instructions, tools, req.tool_choice, {"effort": effort} if effort else None
-        )
-    except ValueError as e:
-        raise from_value_error(e, None, "input") from None
+    max_seq_len = state.max_seq_len
+    budget = prompt_budget(max_seq_len, req.max_output_tokens)
+    prompt_ids = await state.prompts.run(_render, req, effort, tools, budget, param="input")
+    check_prompt_length(len(prompt_ids), budget, max_seq_len, req.max_output_tokens, "input")
     tok = state.tokenizer
     params = sampling_params(
         req,
@@ -209,15 +211,25 @@ async def create_response(state: ServerState, req: ResponsesRequest, raw: Reques
     choice = ChoiceState(0, state, [], req.top_logprobs)
     builder = ResponseBuilder(_snapshot(state, req, response_id, effort, tools or []))
     if req.stream:
-        return EventStream(_stream(stream, choice, builder), stream.aclose)
+        return state.event_stream(_stream(stream, choice, builder), stream.aclose, builder.error_events)
     try:
-        await until_disconnect(raw, _consume(stream, choice, builder))
+        await state.finish_or_stop(raw, _consume(stream, choice, builder))
     except ClientDisconnected:
         return Response(status_code=499)
     finally:
         await stream.aclose()
     state.metrics.reasoning_tokens.inc(choice.parser.num_reasoning_tokens)
     return JSONResponse(_final(builder, stream, choice)[1])
+
+
+def _render(
+    req: ResponsesRequest, effort: str | None, tools: list[dict[str, Any]] | None, stop_after: int | None
+) -> list[int]:
+    """The prompt (on a worker thread): the whole request is checked for text that is not Unicode first."""
+    check_unicode(req.model_dump(exclude_unset=True))
+    items = req.input if isinstance(req.input, str) else [i.model_dump(exclude_unset=True) for i in req.input]
+    reasoning = {"effort": effort} if effort else None
+    return render_responses(items, req.instructions, tools, req.tool_choice, reasoning, stop_after=stop_after)
 
 
 def _snapshot(
@@ -278,16 +290,11 @@ async def _consume(stream: EngineStream, choice: ChoiceState, builder: ResponseB
 async def _stream(stream: EngineStream, choice: ChoiceState, builder: ResponseBuilder) -> AsyncIterator[str]:
     for event in builder.start():
         yield sse(event, event["type"])
-    try:
-        async for out in stream:
-            for event in builder.feed(*choice.feed(out.outputs[0])):
-                yield sse(event, event["type"])
-            if choice.done:
-                break
-    except APIError as e:
-        event = builder.event("error", code=e.code, message=e.message, param=e.param)
-        yield sse(event, "error")
-        return
+    async for out in stream:
+        for event in builder.feed(*choice.feed(out.outputs[0])):
+            yield sse(event, event["type"])
+        if choice.done:
+            break
     stream.state.metrics.reasoning_tokens.inc(choice.parser.num_reasoning_tokens)
     for event in _final(builder, stream, choice)[0]:
         yield sse(event, event["type"])

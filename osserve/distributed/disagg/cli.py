@@ -96,6 +96,13 @@ def add_frontend_parser(subparsers: argparse._SubParsersAction) -> None:
         "--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $OSSERVE_API_KEY)"
     )
     p.add_argument("--max-queue-len", type=int, default=None, metavar="N")
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="on SIGTERM, seconds requests in flight get to finish before they end with an error (default: 30)",
+    )
     p.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     p.set_defaults(func=run_frontend)
 
@@ -139,6 +146,7 @@ def run_frontend(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name,
         api_key=args.api_key or os.environ.get("OSSERVE_API_KEY"),
         max_queue_len=args.max_queue_len,
+        shutdown_timeout=args.shutdown_timeout,
     )
     return serve_app(app, args.host, args.port, args.log_level)
 
