@@ -253,6 +253,7 @@ class AsyncEngine:
                     break
                 if block:
                     report.idle += time.perf_counter() - t0
+                    self.stats = core.stats()  # new work is visible (waiting) during its first step
                 outputs = core.step()
                 if self.after_step is not None:
                     self.after_step(core, outputs)

@@ -48,8 +48,17 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (400, "Invalid request"),
         (401, "Missing or wrong API key"),
         (404, "Unknown model"),
-        (503, "Loading, overloaded (Retry-After) or the engine stopped"),
+        (503, "Loading, overloaded or shutting down (Retry-After), or the engine stopped"),
     )
+}
+# The generation endpoints answer one JSON body, or Server-Sent Events with "stream": true.
+_GENERATION = {
+    **_ERRORS,
+    200: {
+        "description": "The result; with stream: true, Server-Sent Events (data: lines, ending in [DONE] "
+        "or, for /v1/responses, in response.completed / response.incomplete / response.failed)",
+        "content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}},
+    },
 }
 
 
@@ -172,15 +181,15 @@ def create_app(
     install_handlers(app)
     app.add_middleware(_Gate, state=state)
 
-    @app.post("/v1/chat/completions", responses=_ERRORS, tags=["openai"])
+    @app.post("/v1/chat/completions", responses=_GENERATION, tags=["openai"])
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await create_chat_completion(state, body, request)
 
-    @app.post("/v1/responses", responses=_ERRORS, tags=["openai"])
+    @app.post("/v1/responses", responses=_GENERATION, tags=["openai"])
     async def responses(body: ResponsesRequest, request: Request) -> Response:
         return await create_response(state, body, request)
 
-    @app.post("/v1/completions", responses=_ERRORS, tags=["openai"])
+    @app.post("/v1/completions", responses=_GENERATION, tags=["openai"])
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await create_completion(state, body, request)
 

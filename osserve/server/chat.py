@@ -211,8 +211,6 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
         },
     )
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    if any(not s for s in stops):
-        raise bad_request("stop strings must be non-empty", "stop")
     state.apply_hook("chat.completions", req, prompt_ids, params)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     stream = state.submit("chat.completions", request_id, prompt_ids, params)

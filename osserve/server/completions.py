@@ -29,8 +29,6 @@ def _prompts(tok: Any, req: CompletionRequest, stop_after: int | None) -> list[t
     prompt = req.prompt
     if isinstance(prompt, str):
         return [(tok.encode(prompt, stop_after=stop_after), prompt)]
-    if not prompt:
-        raise bad_request("prompt must not be empty", "prompt")
     if isinstance(prompt[0], int):
         return [(list(prompt), tok.decode(prompt, skip_special_tokens=False))]
     out = []

@@ -51,6 +51,10 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
+LONE_SURROGATE = (
+    "contains a lone UTF-16 surrogate (\\ud800 to \\udfff); text must be valid Unicode (a character beyond "
+    "U+FFFF is written as a pair of \\u escapes, high then low)"
+)
 # What must never be turned into an error response: stopping the process, and task cancellation.
 PROPAGATE = (KeyboardInterrupt, SystemExit, asyncio.CancelledError, GeneratorExit)
 
@@ -133,7 +137,9 @@ def _param(error: dict[str, Any]) -> tuple[str | None, int]:
     loc = [p for p in error.get("loc", ()) if p != "body"]
     parts: list[str | int] = []
     for i, p in enumerate(loc):
-        if isinstance(p, str) and (p in _TYPE_NAMES or "[" in p or p[:1].isupper()):
+        if isinstance(p, str) and (
+            p in _TYPE_NAMES or "[" in p or p[:1].isupper() or p.startswith("constrained-")
+        ):
             continue  # a union member's type, not a field
         if isinstance(p, str) and p in _TAGS and i > 0 and isinstance(loc[i - 1], int):
             continue
@@ -176,6 +182,10 @@ def validation_error(exc: RequestValidationError, content_type: str = "applicati
         return bad_request("request body must be a JSON object")
     if loc in (("body",), ()) and kind == "missing":
         return bad_request("request body is missing; send a JSON object")
+    for e in errors:
+        if e.get("type") == "string_unicode":  # a lone surrogate, which pydantic reads as no string at all
+            param = _param(e)[0]
+            return bad_request(f"{param or 'request body'}: {LONE_SURROGATE}", param)
     # With unions, pydantic reports every member that failed; the one that got deepest is what the client
     # meant (a list of messages with one bad message, not "input should be a string").
     located = [(e, *_param(e)) for e in errors]

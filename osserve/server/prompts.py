@@ -13,7 +13,14 @@ from typing import Any, TypeVar
 import anyio
 import anyio.to_thread
 
-from osserve.server.errors import PROPAGATE, APIError, bad_request, from_value_error, internal_error
+from osserve.server.errors import (
+    LONE_SURROGATE,
+    PROPAGATE,
+    APIError,
+    bad_request,
+    from_value_error,
+    internal_error,
+)
 
 T = TypeVar("T")
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -57,12 +64,7 @@ def check_unicode(value: Any, path: str = "") -> None:
         m = _SURROGATE.search(value)
         if m is not None:
             where = path or "request body"
-            raise bad_request(
-                f"{where} contains a lone UTF-16 surrogate (\\u{ord(m.group()):04x}) at character "
-                f"{m.start()}; text must be valid Unicode (a character beyond U+FFFF is written as a pair "
-                "of \\u escapes, high then low)",
-                path or None,
-            )
+            raise bad_request(f"{where} (at character {m.start()}) {LONE_SURROGATE}", path or None)
     elif isinstance(value, dict):
         for key, item in value.items():
             check_unicode(key, path)

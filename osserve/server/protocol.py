@@ -4,6 +4,11 @@ Types are strict (a string is not a number) so that a wrong type is a 400 that n
 may be written 3.0, as JSON Schema allows. Messages, tools and Responses input items are typed by shape;
 `osserve.harmony` checks what they mean (tool names, schemas, call ids) and names the offending field
 itself. Unknown top-level fields are ignored, as vLLM does, so clients that send extras keep working.
+
+The published schema (GET /openapi.json) refuses what the server refuses wherever JSON Schema can say it
+(`_only`: options the server does not support yet; top_logprobs needs logprobs; no empty prompt); the
+server's own checks keep their clearer messages. What the schema cannot say (a tool message's call id must
+match an earlier call; the prompt must fit the context) is checked by the server alone.
 """
 
 from __future__ import annotations
@@ -37,7 +42,16 @@ def Int(lo: int, hi: int) -> Any:  # noqa: N802 - a type, read as one
     ]
 
 
+def _only(schema: dict[str, Any]) -> Any:
+    """Publish `schema` for a field whose type accepts more, so that the server can refuse the rest itself
+    with a message that says what is supported."""
+    return WithJsonSchema(schema)
+
+
 TokenId = Int(0, 2**31 - 1)  # checked against the vocabulary by the engine
+NonEmptyText = Annotated[str, Field(min_length=1)]
+Stop = NonEmptyText | list[NonEmptyText]
+TOOL_NAME_SCHEMA = {"type": "string", "pattern": "^[a-zA-Z0-9_-]{1,64}$"}
 Seed = Int(SEED_MIN, SEED_MAX)
 NumTokens = Int(1, MAX_TOKENS_LIMIT)
 NumChoices = Int(1, 128)
@@ -72,7 +86,7 @@ Content = str | list[TextPart]
 
 
 class FunctionDefinition(_Open):
-    name: str
+    name: Annotated[str, _only(TOOL_NAME_SCHEMA)]
     description: str | None = None
     parameters: Json | None = None
     strict: bool | None = None
@@ -136,7 +150,7 @@ ChatMessage = Annotated[
 
 
 class ResponseFormat(_Open):
-    type: Literal["text", "json_object", "json_schema"] = "text"
+    type: Annotated[Literal["text", "json_object", "json_schema"], _only({"const": "text"})] = "text"
 
 
 # -- Responses API input items ------------------------------------------------------------------------
@@ -193,7 +207,7 @@ InputItem = Annotated[
 
 class ResponsesFunctionTool(_Open):
     type: Literal["function"] = "function"
-    name: str
+    name: Annotated[str, _only(TOOL_NAME_SCHEMA)]
     description: str | None = None
     parameters: Json | None = None
     strict: bool | None = None
@@ -225,15 +239,21 @@ class _Sampling(_Strict):
 
 
 class ChatCompletionRequest(_Sampling):
+    # JSON Schema for "top_logprobs (a number) needs logprobs: true", as the server checks it.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "if": {"properties": {"top_logprobs": {"type": "integer"}}, "required": ["top_logprobs"]},
+            "then": {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]},
+        }
+    )
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: NumTokens | None = Field(None, description="Older name of max_completion_tokens.")
     max_completion_tokens: NumTokens | None = None
     n: NumChoices = 1
-    stop: str | list[str] | None = Field(
-        None, description="Strings that end the answer (content) where they appear."
-    )
+    stop: Stop | None = Field(None, description="Strings that end the answer (content) where they appear.")
     logprobs: bool = False
-    top_logprobs: NumLogprobs | None = None
+    top_logprobs: NumLogprobs | None = Field(None, description="Needs logprobs: true.")
     tools: list[ChatTool] | None = None
     tool_choice: str | Json | None = None
     parallel_tool_calls: bool | None = None
@@ -247,15 +267,22 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    # A string, a list of strings, a list of token ids or a list of token-id lists.
-    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
+    # A string, a list of strings, a list of token ids or a list of token-id lists; never empty.
+    prompt: (
+        NonEmptyText
+        | Annotated[list[NonEmptyText], Field(min_length=1)]
+        | Annotated[list[TokenId], Field(min_length=1)]
+        | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)]
+    )
     max_tokens: NumTokens | None = 16
     n: NumChoices = 1
-    stop: str | list[str] | None = None
+    stop: Stop | None = None
     logprobs: NumLogprobs | None = None
     echo: bool = False
-    best_of: NumChoices | None = None
-    suffix: str | None = None
+    best_of: NumChoices | None = Field(None, description="Only best_of = n.")
+    suffix: Annotated[str | None, _only({"anyOf": [{"type": "null"}, {"const": ""}]})] = Field(
+        None, description="Not supported."
+    )
 
 
 class ReasoningOptions(_Open):
@@ -264,7 +291,7 @@ class ReasoningOptions(_Open):
 
 
 class ResponsesTextFormat(_Open):
-    type: Literal["text", "json_object", "json_schema"] = "text"
+    type: Annotated[Literal["text", "json_object", "json_schema"], _only({"const": "text"})] = "text"
 
 
 class ResponsesText(_Open):
@@ -284,8 +311,12 @@ class ResponsesRequest(_Sampling):
     top_logprobs: NumLogprobs | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None
-    background: bool | None = None
-    previous_response_id: str | None = None
+    background: Annotated[bool | None, _only({"anyOf": [{"type": "null"}, {"const": False}]})] = Field(
+        None, description="Not supported (nothing is stored)."
+    )
+    previous_response_id: Annotated[str | None, _only({"type": "null"})] = Field(
+        None, description="Not supported (nothing is stored): send the whole conversation."
+    )
     truncation: Literal["auto", "disabled"] | None = None
     include: list[str] | None = None
 
