@@ -5,6 +5,7 @@ SIGTERM / SIGINT, and an exit status that says what happened.
   Retry-After and /health answers 503 "draining"; requests in flight get `shutdown_timeout` seconds to
   finish; those still running then end with an error (streams: an error event, then [DONE]); then uvicorn
   closes the connections and the engine shuts down. A second signal ends the requests in flight at once.
+- `ServerState.fail(reason)` (from any thread): drain, then exit with status 1.
 - `exit_on_engine_death`: an engine that cannot load its model, or dies later, makes the process exit with
   status 1 after one line saying why, rather than answering 503 forever; whatever supervises the process
   restarts it. (The disaggregated frontend leaves it off: its workers come and go.)
@@ -44,6 +45,10 @@ class _Server(uvicorn.Server):
             self.should_exit = self.force_exit = True
 
     async def on_tick(self, counter: int) -> bool:
+        if self.state.fatal is not None and self._drain is None:
+            logger.error("%s; draining, then exiting with status 1", self.state.fatal)
+            self.exit_code = 1
+            self._drain = asyncio.ensure_future(self.state.drain())
         if self.signals and self._drain is None:
             self._drain = asyncio.ensure_future(self.state.drain())
         if self.signals >= 2:

@@ -62,6 +62,13 @@ class ServerState:
         self.draining = False
         self.shutdown_timeout = 30.0
         self.stopping = asyncio.Event()
+        # Set (from any thread) when the process must drain and exit with status 1 (osserve/server/lifecycle.py).
+        self.fatal: str | None = None
+
+    def fail(self, reason: str) -> None:
+        """Ask the process running this app to drain and exit with status 1 (e.g. a deployment that gave up
+        restarting a worker)."""
+        self.fatal = reason
 
     @property
     def max_seq_len(self) -> int | None:

@@ -212,6 +212,14 @@ def add_worker_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="JSON",
         help="engine options as one JSON object (the deployment launcher passes them so); flags override",
     )
+    w.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="on SIGTERM, seconds requests in flight get to finish; the rest go back to the frontend, which "
+        "moves them to another worker (default: 30)",
+    )
     w.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     # Test hook (fault injection): seconds between reserving blocks and pulling KV, so that tests can
     # cancel requests mid-transfer; $OSSERVE_DEBUG_TRANSFER_DELAY reaches workers started by the launcher.
@@ -257,6 +265,7 @@ def run_worker(args: argparse.Namespace) -> int:
             kv_transport=args.kv_transport,
             kv_hold_timeout=args.kv_hold_timeout,
             debug_transfer_delay=args.debug_transfer_delay,
+            shutdown_timeout=args.shutdown_timeout,
         )
     except (ValueError, json.JSONDecodeError) as e:
         print(f"osserve worker: error: {e}", file=sys.stderr)
