@@ -269,6 +269,12 @@ def test_with_no_decode_worker_left_streams_end_with_an_error_event(deployment):
         url + "/v1/completions", json={"model": MODEL_NAME, "prompt": "hi", "max_tokens": 2}, timeout=15
     )
     assert r.status_code == 503 and time.monotonic() - started < 10
+    wait_health(
+        url,
+        lambda code, b: victim["worker_id"] not in {e["worker_id"] for e in endpoints(b)},
+        LEASE_TTL + 3,
+        "killed worker deregistered",
+    )
 
 
 def test_sigterm_stops_the_whole_deployment(deployment):

@@ -19,7 +19,13 @@ from osserve.server.errors import bad_request
 from osserve.server.logprobs import chat_logprob
 from osserve.server.prompts import check_prompt_length, check_unicode, prompt_budget
 from osserve.server.protocol import ChatCompletionRequest
-from osserve.server.serving import EngineStream, ServerState, sampling_params, usage_requested
+from osserve.server.serving import (
+    EngineStream,
+    ServerState,
+    continuous_usage,
+    sampling_params,
+    usage_requested,
+)
 from osserve.server.sse import ClientDisconnected, chat_error_events, done_event, sse
 
 logger = logging.getLogger("osserve.server")
@@ -266,16 +272,22 @@ async def _consume(stream: EngineStream, choices: list[ChoiceState]) -> None:
 async def _stream(
     stream: EngineStream, choices: list[ChoiceState], head: dict[str, Any], req: ChatCompletionRequest
 ) -> AsyncIterator[str]:
-    with_usage = usage_requested(req)
+    with_usage, continuous = usage_requested(req), continuous_usage(req)
     chunk_head = {**head, "object": "chat.completion.chunk"}
+
+    def usage() -> dict[str, Any]:
+        if continuous:
+            return {"usage": _usage(stream, choices)}
+        return {"usage": None} if with_usage else {}
 
     def chunk(index: int, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> str:
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-        return sse({**chunk_head, "choices": [choice], **({"usage": None} if with_usage else {})})
+        return sse({**chunk_head, "choices": [choice], **usage()})
 
     for c in choices:
         yield chunk(c.index, {"role": "assistant", "content": ""})
     async for out in stream:
+        sent = False
         for o in out.outputs:
             c = choices[o.index]
             if c.done:
@@ -285,8 +297,13 @@ async def _stream(
                 lp = {"content": logprobs} if logprobs and d.kind == "content" else None
                 logprobs = [] if lp else logprobs
                 yield chunk(c.index, delta_dict(d), logprobs=lp)
+                sent = True
             if c.done:
                 yield chunk(c.index, {}, c.finish_reason)
+                sent = True
+        if continuous and not sent:
+            # Tokens that show no text yet (a Harmony header): the count still tells the client they came.
+            yield sse({**chunk_head, "choices": [], **usage()})
         if all(c.done for c in choices):
             stream.close_reason = "stop"
             break

@@ -18,7 +18,13 @@ from osserve.server.errors import APIError, bad_request
 from osserve.server.logprobs import completion_logprobs
 from osserve.server.prompts import check_prompt_length, check_unicode, prompt_budget
 from osserve.server.protocol import CompletionRequest
-from osserve.server.serving import EngineStream, ServerState, sampling_params, usage_requested
+from osserve.server.serving import (
+    EngineStream,
+    ServerState,
+    continuous_usage,
+    sampling_params,
+    usage_requested,
+)
 from osserve.server.sse import ClientDisconnected, chat_error_events, done_event, sse
 
 
@@ -190,11 +196,18 @@ async def _stream(
     choices: list[_Choice],
     head: dict[str, Any],
 ) -> AsyncIterator[str]:
-    with_usage = usage_requested(req)
+    with_usage, continuous = usage_requested(req), continuous_usage(req)
     chunk_head = {**head, "object": "text_completion"}
+
+    def usage() -> dict[str, Any]:
+        if continuous:
+            return {"usage": _usage(streams)}
+        return {"usage": None} if with_usage else {}
+
     # NOTE: aclosing, so that a client gone mid-stream stops the per-prompt pumps before the streams close.
     async with contextlib.aclosing(_merge(streams)) as merged:
         async for i, out in merged:
+            sent = False
             for c, text, lps in _apply(state, req, choices, i, out):
                 if not text and c.finish_reason is None:
                     continue
@@ -204,7 +217,10 @@ async def _stream(
                     "logprobs": lps,
                     "finish_reason": c.finish_reason,
                 }
-                yield sse({**chunk_head, "choices": [choice], **({"usage": None} if with_usage else {})})
+                yield sse({**chunk_head, "choices": [choice], **usage()})
+                sent = True
+            if continuous and not sent:  # tokens without text (yet): the count says they came
+                yield sse({**chunk_head, "choices": [], **usage()})
     if with_usage:
         yield sse({**chunk_head, "choices": [], "usage": _usage(streams)})
     yield done_event()

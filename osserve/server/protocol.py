@@ -72,6 +72,10 @@ class _Open(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    continuous_usage_stats: bool = Field(
+        False,
+        description="With include_usage: the usage so far in every chunk, also for tokens showing no text.",
+    )
 
 
 # -- chat messages ----------------------------------------------------------------------------------------

@@ -356,3 +356,9 @@ def sampling_params(
 
 def usage_requested(req: _Sampling) -> bool:
     return bool(req.stream_options and req.stream_options.include_usage)
+
+
+def continuous_usage(req: _Sampling) -> bool:
+    """vLLM's `stream_options.continuous_usage_stats` (with include_usage): every chunk carries the usage so
+    far, and engine outputs that add tokens but no text get a chunk of their own (`choices: []`)."""
+    return usage_requested(req) and bool(req.stream_options and req.stream_options.continuous_usage_stats)
