@@ -57,7 +57,17 @@ _GENERATION = {
     200: {
         "description": "The result; with stream: true, Server-Sent Events (data: lines, ending in [DONE] "
         "or, for /v1/responses, in response.completed / response.incomplete / response.failed)",
-        "content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}},
+        "content": {
+            "application/json": {},
+            # One Server-Sent Event: its data line (JSON, or [DONE]) and, for /v1/responses, its event name.
+            "text/event-stream": {
+                "schema": {
+                    "type": "object",
+                    "required": ["data"],
+                    "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+                }
+            },
+        },
     },
 }
 

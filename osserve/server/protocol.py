@@ -52,6 +52,31 @@ TokenId = Int(0, 2**31 - 1)  # checked against the vocabulary by the engine
 NonEmptyText = Annotated[str, Field(min_length=1)]
 Stop = NonEmptyText | list[NonEmptyText]
 TOOL_NAME_SCHEMA = {"type": "string", "pattern": "^[a-zA-Z0-9_-]{1,64}$"}
+# "auto" | "none" | "required", or one function by name (Chat's and Responses' forms; it must be a tool).
+TOOL_CHOICE_SCHEMA = {
+    "anyOf": [
+        {"enum": ["auto", "none", "required"]},
+        {
+            "type": "object",
+            "required": ["type", "function"],
+            "properties": {
+                "type": {"const": "function"},
+                "function": {
+                    "type": "object",
+                    "required": ["name"],
+                    "properties": {"name": TOOL_NAME_SCHEMA},
+                },
+            },
+        },
+        {
+            "type": "object",
+            "required": ["type", "name"],
+            "properties": {"type": {"const": "function"}, "name": TOOL_NAME_SCHEMA},
+        },
+        {"type": "null"},
+    ]
+}
+ToolChoice = Annotated[str | Json | None, _only(TOOL_CHOICE_SCHEMA)]
 Seed = Int(SEED_MIN, SEED_MAX)
 NumTokens = Int(1, MAX_TOKENS_LIMIT)
 NumChoices = Int(1, 128)
@@ -259,7 +284,7 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: NumLogprobs | None = Field(None, description="Needs logprobs: true.")
     tools: list[ChatTool] | None = None
-    tool_choice: str | Json | None = None
+    tool_choice: ToolChoice = None
     parallel_tool_calls: bool | None = None
     reasoning_effort: Literal["low", "medium", "high"] | None = None
     chat_template_args: Json | None = Field(
@@ -308,7 +333,7 @@ class ResponsesRequest(_Sampling):
     instructions: str | None = None
     max_output_tokens: NumTokens | None = None
     tools: list[ResponsesFunctionTool] | None = None
-    tool_choice: str | Json | None = None
+    tool_choice: ToolChoice = None
     parallel_tool_calls: bool | None = None
     reasoning: ReasoningOptions | None = None
     text: ResponsesText | None = None
