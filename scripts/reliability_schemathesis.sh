@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The full schemathesis run of docs/RELIABILITY.md: every operation of a live `osserve serve` (the embedded
+# default model, short context so that generations stay short on a CPU), every check, positive and negative
+# cases. Usage: bash scripts/reliability_schemathesis.sh [MAX_EXAMPLES] [PORT]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=${1:-80}
+PORT=${2:-18120}
+PY=${PYTHON:-python}
+LOG=$(mktemp -d)/server.log
+"$PY" -m osserve serve --port "$PORT" --max-seq-len 512 --log-level warning >"$LOG" 2>&1 &
+SERVER=$!
+trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
+for _ in $(seq 600); do
+  curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && break
+  sleep 0.5
+done
+"$PY" -m schemathesis.cli run "http://127.0.0.1:$PORT/openapi.json" --checks all -n "$N" \
+  --max-response-time 600 --request-timeout 600 --seed 0 || true
+echo "server log: $LOG"
