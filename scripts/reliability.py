@@ -138,6 +138,7 @@ def prompts(model_args: list[str]) -> None:
         time.sleep(2.0)
         baseline = list(gaps)
         gaps.clear()
+        phase = time.monotonic()
         for name, (text, max_tokens) in texts.items():
             for endpoint, (path, make) in bodies.items():
                 if name == "a x 1M, max_tokens 16" and endpoint != "chat":
@@ -163,11 +164,14 @@ def prompts(model_args: list[str]) -> None:
                     seconds=round(time.monotonic() - t0, 3),
                     error=json.loads(body)["error"]["message"][:160] if body.startswith("{") else body[:160],
                 )
+        phase = time.monotonic() - phase
         stop.set()
         report(
             "concurrent stream while the prompts above were handled",
+            seconds=round(phase, 2),
             largest_gap_ms=round(1000 * max(gaps), 1) if gaps else None,
             num_gaps=len(gaps),
+            gaps_cover_s=round(sum(gaps), 2),
             baseline_largest_gap_ms=round(1000 * max(baseline), 1) if baseline else None,
         )
     finally:
