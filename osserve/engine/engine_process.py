@@ -124,7 +124,7 @@ class ProcessEngine(AsyncEngine):
         msg = self._recv(from_child, proc, startup=True)
         if msg is None or msg[0] != "ready":
             self.state, self.error = "dead", msg[1] if msg is not None else "the engine process exited"
-            logger.error("engine failed to load: %s", self.error)
+            logger.debug("engine failed to load: %s", self.error)  # the server says it, once
             self._ready.set()
             return
         _, self.model_name, vocab_size, max_seq_len, self.stats = msg
