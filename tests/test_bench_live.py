@@ -307,7 +307,9 @@ def test_multi_turn_history_grows(live, tmp_path, endpoint):
 
 
 @pytest.mark.parametrize("endpoint", ["chat", "completions"])
-def test_streams_without_visible_text_are_timed_from_the_first_token(forced_server, forcer, tmp_path, endpoint):
+def test_streams_without_visible_text_are_timed_from_the_first_token(
+    forced_server, forcer, tmp_path, endpoint
+):
     """A random model's output may never leave the Harmony header: no text, so nothing to time by. The
     server counts tokens in every chunk (continuous usage) and the bench times those instead, and says so."""
     from osserve.harmony.encoding import CHANNEL
@@ -347,7 +349,9 @@ def test_streams_without_visible_text_are_timed_from_the_first_token(forced_serv
         assert 1 <= len(r["itl"]) <= out - 1, r  # outputs that queued up arrive as one event
     s = result["summary"]
     assert s["num_timed_from_first_token"] == 2 and s["num_without_output_events"] == 0
-    assert s["median_ttft_ms"] is not None and s["median_tpot_ms"] is not None and s["median_itl_ms"] is not None
+    assert (
+        s["median_ttft_ms"] is not None and s["median_tpot_ms"] is not None and s["median_itl_ms"] is not None
+    )
     check_summary(result)
     off = run(False, "off")["summary"]  # a server without continuous usage: n/a, as before
     assert off["num_without_output_events"] == 2 and off["median_ttft_ms"] is None

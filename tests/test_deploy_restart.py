@@ -40,7 +40,9 @@ def _ready_pids(body: dict) -> list[int]:
 def test_a_killed_worker_is_replaced_and_serving_again_within_30_s(tiny_ckpt, tmp_path) -> None:  # noqa: ANN001
     proc, url, log = _deployment(tmp_path, str(tiny_ckpt), {})
     try:
-        wait_health(url, lambda code, b: code == 200 and len(_ready_pids(b)) == 1, 120, "deployment up", [log])
+        wait_health(
+            url, lambda code, b: code == 200 and len(_ready_pids(b)) == 1, 120, "deployment up", [log]
+        )
         (victim,) = _ready_pids(health(url)[1])
         kill(victim, signal.SIGKILL)
         killed = time.monotonic()
@@ -68,4 +70,6 @@ def test_a_worker_that_keeps_dying_makes_the_deployment_exit_non_zero(tmp_path) 
         stop(proc)
     text = log.read_text()
     assert code == 1, text[-3000:]
-    assert "restart 1 of at most 1" in text and "giving up: worker both-0 exited 2 time(s) in a row" in text, text
+    assert (
+        "restart 1 of at most 1" in text and "giving up: worker both-0 exited 2 time(s) in a row" in text
+    ), text

@@ -188,8 +188,37 @@ def test_chunked_encoding_equals_openai_harmony_on_ordinary_text(tok):
     openai-harmony's own, whatever mix of words, spaces, line breaks, digits, punctuation and scripts."""
     enc = get_encoding()
     rng = random.Random(0)
-    alphabet = [" ", " ", "  ", "\n", "\r\n", "\n\n", "\t", "/", "'", "'s", "a", "Z", "The", " the", "é",
-                "e\u0301", "1", "23", "!", ".", ",", "_", "-", "\\", "\U0001f600", "中", "\u00a0", "¼", "Ⅻ"]
+    alphabet = [
+        " ",
+        " ",
+        "  ",
+        "\n",
+        "\r\n",
+        "\n\n",
+        "\t",
+        "/",
+        "'",
+        "'s",
+        "a",
+        "Z",
+        "The",
+        " the",
+        "é",
+        "e\u0301",
+        "1",
+        "23",
+        "!",
+        ".",
+        ",",
+        "_",
+        "-",
+        "\\",
+        "\U0001f600",
+        "中",
+        "\u00a0",
+        "¼",
+        "Ⅻ",
+    ]
     for _ in range(150):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(200, 1200)))
         assert len(text) > encoding_mod.MAX_CHUNK_CHARS

@@ -74,18 +74,20 @@ def test_max_queue_len_zero_serves_the_batch(tiny_checkpoint) -> None:  # noqa: 
 def test_health_and_metrics_show_the_engine_before_and_during_its_first_step(tiny_checkpoint) -> None:  # noqa: ANN001
     from osserve.server.app import create_app
 
-    app = create_app(tiny_config(tiny_checkpoint))
+    app = create_app(tiny_config(tiny_checkpoint, max_seq_len=4096, kv_cache_config={"max_blocks": 512}))
     with serve_in_thread(app) as url:
         kv = httpx.get(url + "/health").json()["engine"]["kv_cache"]
-        assert kv["total"] == 255 and kv["in_use"] == 0, kv  # before: {} until the first step
+        assert kv["total"] == 511 and kv["in_use"] == 0, kv  # before: {} until the first step
 
         def gauges() -> dict[str, float]:
             lines = httpx.get(url + "/metrics").text.splitlines()
-            return {k: float(v) for k, v in (ln.split() for ln in lines if ln.startswith("osserve_num_requests"))}
+            return {
+                k: float(v) for k, v in (ln.split() for ln in lines if ln.startswith("osserve_num_requests"))
+            }
 
         async def scenario() -> list[dict[str, float]]:
             # One long prompt: its first (prefill) step takes a while on this CPU.
-            body = {"model": SERVED_NAME, "prompt": "hello " * 900, "max_tokens": 2}
+            body = {"model": SERVED_NAME, "prompt": "hello " * 3500, "max_tokens": 2}
             async with httpx.AsyncClient(timeout=60) as client:
                 task = asyncio.ensure_future(client.post(url + "/v1/completions", json=body))
                 seen = []
@@ -100,6 +102,8 @@ def test_health_and_metrics_show_the_engine_before_and_during_its_first_step(tin
         assert in_flight, seen
         # The engine's request shows from the start: waiting, then running (before: neither during its first
         # step). NOTE: one scrape may fall in the moment before the engine thread takes the request.
-        unseen = [g for g in in_flight if g["osserve_num_requests_running"] + g["osserve_num_requests_waiting"] == 0]
+        unseen = [
+            g for g in in_flight if g["osserve_num_requests_running"] + g["osserve_num_requests_waiting"] == 0
+        ]
         assert len(in_flight) >= 3 and len(unseen) <= 1, seen
         assert gauges()["osserve_num_requests_running"] == 0

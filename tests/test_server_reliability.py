@@ -41,7 +41,9 @@ def test_million_character_prompts_are_a_fast_400(server, endpoint: str, kind: s
     up to the context length, on a worker thread."""
     t0 = time.monotonic()
     r = httpx.post(
-        f"{server.base_url}/{endpoint}", json={"model": SERVED_NAME, **BODIES[endpoint](PROMPTS[kind])}, timeout=60
+        f"{server.base_url}/{endpoint}",
+        json={"model": SERVED_NAME, **BODIES[endpoint](PROMPTS[kind])},
+        timeout=60,
     )
     elapsed = time.monotonic() - t0
     assert r.status_code == 400, r.text[:500]

@@ -61,10 +61,10 @@ def done_event() -> str:
 
 class EventStream(StreamingResponse):
     """Server-Sent Events over `body`. An error while streaming (an APIError, or anything else, native
-    panics included) and `stop` (the end of the server's shutdown grace period: `stop_error`) end the stream
-    with `on_error`'s events (an error event, then `[DONE]` where the API has one). Whatever ends the response (last event,
-    client disconnect, an error), `on_close` runs, so an abandoned request is aborted and its KV blocks are
-    freed at once."""
+    panics included) and `stop` (the end of the server's shutdown grace period: `stop_error`) end the
+    stream with `on_error`'s events (an error event, then `[DONE]` where the API has one). Whatever ends the
+    response (last event, client disconnect, an error), `on_close` runs, so an abandoned request is aborted
+    and its KV blocks are freed at once."""
 
     def __init__(
         self,
@@ -99,11 +99,13 @@ class EventStream(StreamingResponse):
             async with anyio.create_task_group() as tg:
 
                 async def stream() -> None:
-                    nonlocal ended, complete
+                    nonlocal ended, complete, gone
                     try:
                         async for text in self.body_iterator:
                             await event(text)  # type: ignore[arg-type]
                         complete = True
+                    except OSError:
+                        gone = True  # the client went away mid-send
                     except APIError as e:
                         ended = e
                     except PROPAGATE:
