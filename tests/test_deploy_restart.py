@@ -3,6 +3,7 @@ dying. Before, it logged the exit, restarted nothing and answered 503 for good."
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import subprocess
 import time
@@ -10,7 +11,20 @@ import time
 import httpx
 import pytest
 import yaml
-from disagg_util import ENGINE, MODEL_NAME, endpoints, health, kill, spawn, stop, wait_health
+from disagg_util import (
+    ENGINE,
+    MODEL_NAME,
+    endpoints,
+    health,
+    http_client,
+    kill,
+    pid_alive,
+    run,
+    spawn,
+    stop,
+    stream_events,
+    wait_health,
+)
 from live import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -58,6 +72,31 @@ def test_a_killed_worker_is_replaced_and_serving_again_within_30_s(tiny_ckpt, tm
         assert r.status_code == 200, r.text
         assert time.monotonic() - killed < 30
         assert "restarting it in 1 s (restart 1 of at most 5)" in log.read_text()
+
+        # SIGTERM to the worker alone: it drains, so a stream in flight still ends with all its output
+        # (before: its task was cancelled at once and the stream ended with an error event).
+        (worker,) = _ready_pids(health(url)[1])
+        seen = {"events": 0}
+
+        def on_event(_event) -> None:  # noqa: ANN001
+            seen["events"] += 1
+
+        async def scenario() -> dict:
+            async with http_client() as client:
+                body = {"prompt": "drain me", "max_tokens": 40, "ignore_eos": True}
+                task = asyncio.ensure_future(stream_events(client, url, body, on_event))
+                while seen["events"] < 2 and not task.done():
+                    await asyncio.sleep(0.02)
+                kill(worker, signal.SIGTERM)
+                return await task
+
+        got = run(scenario())
+        assert got["error"] is None and got["finish"] == "length", got
+        deadline = time.monotonic() + 30
+        while pid_alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not pid_alive(worker)
+        assert "draining: 1 request(s) get 30 s to finish" in log.read_text()
     finally:
         stop(proc)
 
