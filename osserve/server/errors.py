@@ -190,8 +190,12 @@ def validation_error(exc: RequestValidationError, content_type: str = "applicati
     # meant (a list of messages with one bad message, not "input should be a string").
     located = [(e, *_param(e)) for e in errors]
     deepest = max(depth for _, _, depth in located)
-    param = next(p for _, p, depth in located if depth == deepest)
-    same = [e for e, p, _ in located if p == param]
+    # Among those, an error about the value (too short, too small) beats "should be a valid <type>": it
+    # comes from the form whose types fit, the one the client wrote.
+    candidates = [(e, p) for e, p, depth in located if depth == deepest]
+    valued = [(e, p) for e, p in candidates if not str(e.get("type", "")).endswith("_type")] or candidates
+    param = valued[0][1]
+    same = [e for e, p in valued if p == param]
     msgs = list(dict.fromkeys(_message(e) for e in same))
     msg = msgs[0] if len(msgs) == 1 else "fits none of the allowed forms: " + "; or ".join(msgs)
     where = f"{param}: " if param else ""

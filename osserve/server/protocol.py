@@ -49,6 +49,10 @@ def _only(schema: dict[str, Any]) -> Any:
 
 
 TokenId = Int(0, 2**31 - 1)  # checked against the vocabulary by the engine
+# The same, validated without a Python call per item (a prompt may hold a million ids): 3.0 is no such id,
+# so a list with one is validated again as `TokenId`s.
+FastTokenId = Annotated[int, Strict(), Field(ge=0, le=2**31 - 1)]
+TOKEN_ID_SCHEMA = {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}
 NonEmptyText = Annotated[str, Field(min_length=1)]
 Stop = NonEmptyText | list[NonEmptyText]
 TOOL_NAME_SCHEMA = {"type": "string", "pattern": "^[a-zA-Z0-9_-]{1,64}$"}
@@ -296,13 +300,31 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    # A string, a list of strings, a list of token ids or a list of token-id lists; never empty.
-    prompt: (
+    # A string, a list of strings, a list of token ids or a list of token-id lists; never empty. NOTE: tried
+    # in this order, first match wins: a long list of ids costs one fast pass, not one failed pass per form.
+    prompt: Annotated[
         NonEmptyText
+        | Annotated[list[FastTokenId], Field(min_length=1)]
+        | Annotated[list[Annotated[list[FastTokenId], Field(min_length=1)]], Field(min_length=1)]
         | Annotated[list[NonEmptyText], Field(min_length=1)]
         | Annotated[list[TokenId], Field(min_length=1)]
-        | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)]
-    )
+        | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)],
+        Field(union_mode="left_to_right"),
+        _only(
+            {
+                "anyOf": [
+                    {"type": "string", "minLength": 1},
+                    {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
+                    {"type": "array", "minItems": 1, "items": TOKEN_ID_SCHEMA},
+                    {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {"type": "array", "minItems": 1, "items": TOKEN_ID_SCHEMA},
+                    },
+                ]
+            }
+        ),
+    ]
     max_tokens: NumTokens | None = 16
     n: NumChoices = 1
     stop: Stop | None = None
