@@ -306,6 +306,57 @@ def test_multi_turn_history_grows(live, tmp_path, endpoint):
     check_summary(result)
 
 
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_streams_without_visible_text_are_timed_from_the_first_token(
+    forced_server, forcer, tmp_path, endpoint
+):
+    """A random model's output may never leave the Harmony header: no text, so nothing to time by. The
+    server counts tokens in every chunk (continuous usage) and the bench times those instead, and says so."""
+    from osserve.harmony.encoding import CHANNEL
+
+    # A header that never ends within max_tokens: <|channel|> and then header text, no <|message|>.
+    key = forcer.force([CHANNEL] + [forced_server.extra["app"].state.server.tokenizer.encode(" x")[0]] * 12)
+    out = 6
+
+    def run(continuous: bool, sub: str) -> dict:
+        cfg = ServeConfig(
+            base_url=forced_server.url,
+            endpoint=endpoint,
+            model="osserve-tiny-test",
+            num_prompts=2,
+            input_len=8,
+            output_len=out,
+            max_concurrency=(2,),
+            extra_body={"user": key},
+            continuous_usage=continuous,
+            save_result=True,
+            result_dir=str(tmp_path / sub),
+            disable_tqdm=True,
+        )
+        assert run_sweep(cfg) == 0
+        [result] = [json.loads(f.read_text()) for f in (tmp_path / sub).glob("*.json")]
+        return result
+
+    if endpoint == "completions":  # the raw text of these tokens is visible: nothing to fall back on
+        result = run(True, "c")
+        assert result["summary"]["num_timed_from_first_token"] == 0
+        assert all(r["timed_from"] == "output" and r["ttft"] is not None for r in result["requests"])
+        return
+    result = run(True, "on")
+    for r in result["requests"]:
+        assert r["success"] and r["output_tokens"] == out, r
+        assert r["timed_from"] == "first_token" and r["ttft"] is not None and r["ttft"] < r["e2el"], r
+        assert 1 <= len(r["itl"]) <= out - 1, r  # outputs that queued up arrive as one event
+    s = result["summary"]
+    assert s["num_timed_from_first_token"] == 2 and s["num_without_output_events"] == 0
+    assert (
+        s["median_ttft_ms"] is not None and s["median_tpot_ms"] is not None and s["median_itl_ms"] is not None
+    )
+    check_summary(result)
+    off = run(False, "off")["summary"]  # a server without continuous usage: n/a, as before
+    assert off["num_without_output_events"] == 2 and off["median_ttft_ms"] is None
+
+
 def test_stopped_server_reports_failures_and_exits_nonzero(live, tmp_path):
     live.proc.terminate()
     live.proc.wait(30)

@@ -178,3 +178,74 @@ def _is_broken_utf8(data: bytes) -> bool:
     except UnicodeDecodeError:
         return True
     return False
+
+
+# -- linear-time encoding -----------------------------------------------------------------------------
+
+
+def test_chunked_encoding_equals_openai_harmony_on_ordinary_text(tok):
+    """Texts are cut only where o200k's pre-tokenizer splits anyway: the tokens are exactly
+    openai-harmony's own, whatever mix of words, spaces, line breaks, digits, punctuation and scripts."""
+    enc = get_encoding()
+    rng = random.Random(0)
+    alphabet = [
+        " ",
+        " ",
+        "  ",
+        "\n",
+        "\r\n",
+        "\n\n",
+        "\t",
+        "/",
+        "'",
+        "'s",
+        "a",
+        "Z",
+        "The",
+        " the",
+        "é",
+        "e\u0301",
+        "1",
+        "23",
+        "!",
+        ".",
+        ",",
+        "_",
+        "-",
+        "\\",
+        "\U0001f600",
+        "中",
+        "\u00a0",
+        "¼",
+        "Ⅻ",
+    ]
+    for _ in range(150):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(200, 1200)))
+        assert len(text) > encoding_mod.MAX_CHUNK_CHARS
+        assert tok.encode(text) == enc.encode(text, disallowed_special=()), repr(text[:120])
+    prose = ("Hello, world! The year 2025 brought 3.14 reasons/ways to code; naïve café. " * 40 + "\n") * 5
+    assert tok.encode(prose) == enc.encode(prose, disallowed_special=())
+
+
+@pytest.mark.parametrize("run", ["a", "\U0001f600", " ", "7", "!", "\n/"])
+def test_a_million_character_run_encodes_in_linear_time(tok, run):
+    """openai-harmony panics on these (its regex overflows) or takes minutes (quadratic merges)."""
+    import time
+
+    text = run * (1_000_000 // len(run))
+    t0 = time.perf_counter()
+    ids = tok.encode(text)
+    assert time.perf_counter() - t0 < 20  # about 0.2 to 2 s on a 2-core machine
+    assert ids and tok.decode(ids) == text
+    # Stopping early: only what is needed to know the text is longer than the limit.
+    t0 = time.perf_counter()
+    assert len(tok.encode(text, stop_after=1000)) > 1000 or len(ids) <= 1000
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_stop_after_and_special_tokens(tok):
+    text = "hello world " * 500
+    full = tok.encode(text)
+    cut = tok.encode(text, stop_after=100)
+    assert 100 < len(cut) < len(full) and full[: len(cut)] == cut
+    assert tok.encode("a <|start|> b <|end|>", allow_special=True) == [64, 220, START, 287, 220, END]

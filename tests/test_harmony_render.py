@@ -386,3 +386,32 @@ def test_response_format_without_instructions_or_schema(enc):
         render_chat(msgs, options=OPTS, encoding=enc, response_format=ResponseFormat("json_object", None))
         == plain
     )
+
+
+def test_long_texts_render_as_openai_harmony_does(enc):
+    """Message texts and instructions are encoded apart from openai-harmony's frames: same tokens."""
+    words = "Weather in Paris? It's 21°C; 3 days/week. Naïve café\nNew line, then   spaces.\n"
+    long = words * 300
+    messages = [{"role": "system", "content": long}, *CHAT[1:3], {"role": "user", "content": long}]
+    expected = harmony(
+        enc,
+        [
+            system(),
+            developer(long + "\n\nAnswer in French."),
+            user("Weather in Paris?"),
+            user(long),
+        ],
+    )
+    assert render_chat(messages, CHAT_TOOLS, options=OPTS, encoding=enc, stop_after=10**9) == expected
+
+
+def test_a_million_characters_of_one_letter_render_fast_and_stop_early(enc):
+    """openai-harmony's renderer panics on this (a pyo3 PanicException) and is quadratic below that."""
+    import time
+
+    messages = [{"role": "user", "content": "a" * 1_000_000}]
+    t0 = time.perf_counter()
+    ids = render_chat(messages, options=OPTS, encoding=enc, stop_after=4096)
+    assert 4096 < len(ids) < 8192 and time.perf_counter() - t0 < 2.0
+    full = render_chat(messages, options=OPTS, encoding=enc)
+    assert len(full) > 125_000 and full[: len(ids) - 300] == ids[: len(ids) - 300]

@@ -193,6 +193,10 @@ def test_api_key(guarded_server) -> None:
         assert r.status_code == 401
         assert r.json()["error"]["code"] == "invalid_api_key" and API_KEY not in r.text
     assert httpx.get(url, headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
+    # The scheme is case-insensitive (RFC 9110): "bearer" was refused before.
+    for scheme in ("bearer", "BEARER", "bEaReR"):
+        assert httpx.get(url, headers={"Authorization": f"{scheme} {API_KEY}"}).status_code == 200, scheme
+    assert httpx.get(url, headers={"Authorization": f"Basic {API_KEY}"}).status_code == 401
     assert httpx.get(guarded_server.url + "/health").status_code == 200
     assert httpx.get(guarded_server.url + "/metrics").status_code == 200
     with pytest.raises(openai.AuthenticationError):

@@ -59,7 +59,7 @@ def test_non_object_body(server, body: bytes) -> None:
             {"messages": USER, "chat_template_args": {"reasoning_effort": "max"}},
             "chat_template_args.reasoning_effort",
         ),
-        ({"messages": USER, "stop": [""]}, "stop"),
+        ({"messages": USER, "stop": [""]}, "stop[0]"),
         ({"messages": USER, "max_tokens": 4, "min_tokens": 9}, "min_tokens"),
         ({"messages": USER, "tool_choice": "sometimes"}, "tool_choice"),
         ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),

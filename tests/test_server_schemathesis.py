@@ -1,5 +1,10 @@
 """Property-based API testing with schemathesis against the server's own /openapi.json: valid and invalid
-requests alike must never get a 5xx, and every error body must be OpenAI's error object."""
+requests alike must never get a 5xx, every error body must be OpenAI's error object, and every response must
+pass schemathesis's checks (status codes, content types, headers and bodies as the schema documents them,
+schema-invalid requests refused). Only positive_data_acceptance is left out: some refusals rest on what JSON
+Schema cannot say (a tool_choice naming one of the request's tools, best_of equal to n, a tool message's
+call id), docs/RELIABILITY.md lists them. The full run (over 2,000 cases, every check) is in
+docs/RELIABILITY.md; this one keeps CI short."""
 
 from __future__ import annotations
 
@@ -11,11 +16,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from live import SERVED_NAME
 from schemathesis import GenerationMode
+from schemathesis.checks import positive_data_acceptance
 
 # Cases per POST operation: positive ones (fitting the schema) mostly run the model, negative ones are
-# answered at once. 3 x (50 + 60) = 330, plus the GET operations.
-MAX_EXAMPLES = {GenerationMode.POSITIVE: 50, GenerationMode.NEGATIVE: 60}
-MIN_CASES = {GenerationMode.POSITIVE: 150, GenerationMode.NEGATIVE: 150}
+# answered at once. 3 x (40 + 60) = 300, plus the GET operations.
+MAX_EXAMPLES = {GenerationMode.POSITIVE: 40, GenerationMode.NEGATIVE: 60}
+MIN_CASES = {GenerationMode.POSITIVE: 120, GenerationMode.NEGATIVE: 150}
 # Keep generation short on CPU: the schema allows up to 2**31 - 1 tokens and 128 choices.
 MAX_NEW_TOKENS = 2
 CAPS = {
@@ -80,13 +86,19 @@ def test_api_never_5xx_and_errors_are_openai_shaped(server, api_schema, mode: Ge
         @given(case=operation.as_strategy(generation_mode=mode))
         def run(case) -> None:  # noqa: ANN001
             label = f"{case.operation.method.upper()} {case.operation.path}"
-            _shrink(case.body)
+            if mode == GenerationMode.POSITIVE:  # a negative case must stay invalid for its check
+                _shrink(case.body)
             counts[label] = counts.get(label, 0) + 1
             response = case.call(base_url=server.url, timeout=15)
             try:
                 _check(response)
             except AssertionError as e:
                 raise AssertionError(f"{label} {case.body!r}: {e}") from None
+            case.validate_response(
+                response,
+                excluded_checks=[positive_data_acceptance],
+                transport_kwargs={"base_url": server.url, "timeout": 15},
+            )
 
         try:
             run()

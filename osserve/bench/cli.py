@@ -121,6 +121,13 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
         help="send ignore_eos and min_tokens so every output has the asked length (default on)",
     )
     g.add_argument(
+        "--continuous-usage",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="ask for stream_options.continuous_usage_stats (osserve, vLLM, SGLang), so that streams showing "
+        "no text are timed from their first token; --no-continuous-usage for servers that refuse it",
+    )
+    g.add_argument(
         "--temperature", type=float, default=None, help="sampling temperature (default: the server's)"
     )
     g.add_argument("--extra-body", default=None, help="JSON object merged into every request body")
@@ -223,6 +230,7 @@ def serve_config(args: argparse.Namespace) -> Any:
         num_warmups=args.num_warmups,
         seed=args.seed,
         ignore_eos=args.ignore_eos,
+        continuous_usage=args.continuous_usage,
         temperature=args.temperature,
         extra_body=extra,
         request_timeout=args.request_timeout,

@@ -48,21 +48,21 @@ class RequestSpec:
     ignore_eos: bool = True
     temperature: float | None = None
     extra_body: dict[str, Any] | None = None
+    # vLLM's stream_options.continuous_usage_stats (osserve, vLLM and SGLang take it): the token count in every
+    # chunk, so that tokens showing no text can still be timed.
+    continuous_usage: bool = True
 
     def payload(self) -> dict[str, Any]:
         body: dict[str, Any] = {"stream": True}
         if self.model is not None:
             body["model"] = self.model
+        options: dict[str, Any] = {"include_usage": True}
+        if self.continuous_usage:
+            options["continuous_usage_stats"] = True
         if self.kind == "completions":
-            body.update(
-                prompt=self.prompt, max_tokens=self.output_len, stream_options={"include_usage": True}
-            )
+            body.update(prompt=self.prompt, max_tokens=self.output_len, stream_options=options)
         elif self.kind == "chat":
-            body.update(
-                messages=self.messages,
-                max_completion_tokens=self.output_len,
-                stream_options={"include_usage": True},
-            )
+            body.update(messages=self.messages, max_completion_tokens=self.output_len, stream_options=options)
         else:
             body.update(input=self.messages, max_output_tokens=self.output_len)
         if self.ignore_eos:
@@ -91,9 +91,11 @@ class _Parser:
         self.finished = False  # a finish_reason arrived (chat / completions)
         self.prompt_tokens: int | None = None
         self.output_tokens: int | None = None
+        self.new_tokens = False  # the last event's usage counted more output tokens than any before
 
     def feed(self, event: str | None, data: str) -> bool:
         """True if this event carried generated output. Raises _StreamError on an error event."""
+        self.new_tokens = False
         if data == "[DONE]":
             self.done = True
             return False
@@ -111,7 +113,9 @@ class _Parser:
         usage = obj.get("usage")
         if isinstance(usage, dict):
             self.prompt_tokens = usage.get("prompt_tokens", self.prompt_tokens)
+            before = self.output_tokens or 0
             self.output_tokens = usage.get("completion_tokens", self.output_tokens)
+            self.new_tokens = (self.output_tokens or 0) > before
         carried = False
         for choice in obj.get("choices") or []:
             if choice.get("finish_reason") is not None:
@@ -211,6 +215,7 @@ async def send_request(
     start = time.perf_counter()
     record.start_time = start - t0
     last: float | None = None
+    token_times: list[float] = []  # events whose usage counted new tokens (continuous usage)
     try:
         async with (
             asyncio.timeout(timeout_s),
@@ -227,12 +232,16 @@ async def send_request(
                 return None
             async for event, data in _events(response):
                 now = time.perf_counter()
+                # NOTE: the usage chunk after the finish reason (include_usage) counts no new token.
+                was_finished = parser.finished
                 if parser.feed(event, data):
                     if last is None:
                         record.ttft = now - start
                     else:
                         record.itl.append(now - last)
                     last = now
+                if parser.new_tokens and not was_finished:
+                    token_times.append(now)
                 if parser.done:
                     record.e2el = now - start
                     break
@@ -260,8 +269,12 @@ async def send_request(
         )
         return None
     # NOTE: a stream can finish without one visible delta (a random-weight model whose Harmony header never
-    # ends, or max_tokens spent on the header): it succeeded and its tokens count, but TTFT / TPOT / ITL
-    # cannot be measured, so they stay None and the aggregates skip it.
+    # ends, or max_tokens spent on the header). With continuous usage its timings come from the events that
+    # counted new tokens (`timed_from` "first_token"); without, they stay None and the aggregates skip it.
+    if record.ttft is None and token_times:
+        record.ttft = token_times[0] - start
+        record.itl = [b - a for a, b in zip(token_times, token_times[1:], strict=False)]
+        record.timed_from = "first_token"
     text, reasoning = "".join(parser.text), "".join(parser.reasoning)
     record.prompt_tokens = parser.prompt_tokens
     record.output_tokens = parser.output_tokens

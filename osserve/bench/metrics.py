@@ -2,8 +2,11 @@
 
 Definitions (times in ms in the aggregates, seconds in the records; only successful requests count):
 - TTFT: request sent -> first SSE event carrying generated output (content, reasoning or tool-call text).
-  A stream that ends without such an event (all its tokens invisible, e.g. Harmony header tokens) is
-  successful, and its tokens count, but it has no TTFT, TPOT or ITL ("num_without_output_events").
+  A stream that ends without such an event (all its tokens invisible, e.g. Harmony header tokens) is timed
+  from its first generated token instead, where the server counts tokens in every chunk (continuous usage):
+  TTFT, TPOT and ITL then come from the events that counted new tokens ("num_timed_from_first_token").
+  Without that it is successful, and its tokens count, but it has no TTFT, TPOT or ITL
+  ("num_without_output_events").
 - E2EL: request sent -> the stream's terminal event ([DONE], or response.completed / .incomplete).
 - TPOT: per request, (E2EL - TTFT) / (output_tokens - 1), for requests with at least 2 output tokens.
 - ITL: the gaps between consecutive output-carrying SSE events, pooled over all requests. An event that
@@ -54,6 +57,9 @@ class RequestRecord:
     output_tokens: int | None = None  # the server's usage.completion_tokens (output_tokens on /v1/responses)
     # "usage" (reported by the server) or "tokenizer" (no usage reported: counted from the streamed text)
     output_tokens_source: str = "usage"
+    # What ttft / itl time: "output" (events that showed text) or "first_token" (no text showed: the events
+    # whose usage counted new tokens)
+    timed_from: str = "output"
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -143,6 +149,7 @@ def aggregate(
         "total_token_throughput": (total_in + total_out) / dur,
         "output_tokens_per_user_per_s": float(np.mean(decode_speeds)) if decode_speeds else None,
         "num_without_output_events": sum(1 for r in ok if r.ttft is None),
+        "num_timed_from_first_token": sum(1 for r in ok if r.timed_from == "first_token"),
     }
     series = {
         "ttft": [r.ttft for r in ok if r.ttft is not None],

@@ -47,10 +47,16 @@ def format_run(
         _line("Total token throughput (tok/s):", summary["total_token_throughput"], ".2f"),
         _line("Output tokens/s per user (mean):", summary["output_tokens_per_user_per_s"], ".2f"),
     ]
+    if summary.get("num_timed_from_first_token"):
+        lines.append(
+            f"note: {summary['num_timed_from_first_token']} successful requests streamed no visible output "
+            "(e.g. only Harmony header tokens): their TTFT / TPOT / ITL are timed from the first generated "
+            "token (the server's token counts), not from visible text"
+        )
     if summary.get("num_without_output_events"):
         lines.append(
             f"note: {summary['num_without_output_events']} successful requests streamed no visible output "
-            "(e.g. only Harmony header tokens): no TTFT / TPOT / ITL for them"
+            "and no token counts (e.g. only Harmony header tokens): no TTFT / TPOT / ITL for them"
         )
     for name in percentile_metrics if summary["completed"] else []:
         upper = name.upper()

@@ -59,6 +59,7 @@ class ServeConfig:
     num_warmups: int = 0
     seed: int = 0
     ignore_eos: bool = True
+    continuous_usage: bool = True
     temperature: float | None = None
     extra_body: dict[str, Any] = field(default_factory=dict)
     request_timeout: float = 3600.0
@@ -186,6 +187,7 @@ class _Runner:
             ignore_eos=self.cfg.ignore_eos,
             temperature=self.cfg.temperature,
             extra_body=self.cfg.extra_body,
+            continuous_usage=self.cfg.continuous_usage,
         )
 
     async def session(self, sess: Session, records: list[RequestRecord], t0: float, pbar: Any) -> None:

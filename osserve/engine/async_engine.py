@@ -312,12 +312,13 @@ class AsyncEngine:
         try:
             core, self.model_name = self._build()
         except Exception as e:  # noqa: BLE001 - any load failure makes the engine dead, with the reason
-            logger.exception("engine failed to load")
+            # NOTE: the reason is the server's one line (state.error); the traceback only at debug level.
+            logger.debug("engine failed to load", exc_info=True)
             self.state, self.error = "dead", f"{type(e).__name__}: {e}"
             self._ready.set()
             return
         self.core = core
-        self.stats = core.stats()
+        self.stats = core.stats()  # /health shows the KV cache before the first step
         self.state = "ready"
         self._ready.set()
         logger.info("engine ready: serving %s", self.model_name)
@@ -330,6 +331,7 @@ class AsyncEngine:
                     break
                 if block:
                     report.idle += time.perf_counter() - t0
+                    self.stats = core.stats()  # new work is visible (waiting) during its first step
                 outs = core.step()
                 if self.after_step is not None:
                     self.after_step(core, outs)

@@ -171,7 +171,7 @@ class ProcessEngine(AsyncEngine):
         if msg is None or msg[0] != b"ready":
             why = msgspec.msgpack.decode(msg[1]) if msg is not None else "the engine process exited"
             self.state, self.error = "dead", why
-            logger.error("engine failed to load: %s", self.error)
+            logger.debug("engine failed to load: %s", self.error)  # the server says it, once
             self._ready.set()
             return
         self.model_name, vocab_size, max_seq_len, self.stats = msgspec.msgpack.decode(msg[1])
@@ -227,7 +227,7 @@ def _child_main(config: EngineConfig, inbox_addr: str, outbox_addr: str, log_lev
     try:
         core, name = build_engine(config)
     except Exception as e:  # noqa: BLE001 - any load failure is reported to the server, with the reason
-        logger.exception("engine failed to load")
+        logger.debug("engine failed to load", exc_info=True)
         outbox.send_multipart([b"dead", _ENCODER.encode(f"{type(e).__name__}: {e}")])
         outbox.close()
         return

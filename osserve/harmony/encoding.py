@@ -3,6 +3,15 @@
 `get_encoding()` loads openai-harmony's `HARMONY_GPT_OSS` encoding from the verified local vocabulary
 (see `vocab.py`); `get_tokenizer()` wraps it in `Tokenizer`: plain-text encode, decode that never crashes
 on ids outside the vocabulary, special-token ids, and an incremental detokenizer for streaming.
+
+`encode_ordinary` is how every text of a request becomes tokens, in time linear in its length: o200k's
+byte-pair merge is quadratic in the length of one pre-tokenizer piece (a run of one character: 64k
+characters take seconds) and openai-harmony panics on runs of about a million (its regex overflows). So
+the text goes to openai-harmony in chunks of at most `MAX_CHUNK_CHARS`, cut where o200k's pre-tokenizer
+would split anyway (the tokens are then exactly those of the whole text); only a stretch of more than
+`MAX_CHUNK_CHARS // 2` characters with no such place (one run of a character, a very long number) is cut
+at a fixed length, as tiktoken bounds its own work. openai-harmony's `encode` releases the GIL, so this
+may run on worker threads while the event loop keeps serving.
 """
 
 from __future__ import annotations
@@ -10,8 +19,9 @@ from __future__ import annotations
 import codecs
 import functools
 import os
+import re
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from openai_harmony import HarmonyEncoding, HarmonyEncodingName, load_harmony_encoding
 
@@ -33,6 +43,15 @@ CALL = 200012
 
 _ENV_TIKTOKEN_BASE = "TIKTOKEN_ENCODINGS_BASE"
 _env_lock = threading.Lock()
+
+MAX_CHUNK_CHARS = 256
+# Places where o200k's pre-tokenizer always splits and where neither side's match depends on what lies
+# across (so encoding the two sides apart gives the same tokens): before a space that follows a non-space
+# (no piece has a space after its first character); after a line break followed by anything but
+# whitespace or "/" (only "/" continues a punctuation-and-newlines piece); between an ASCII letter and an
+# ASCII digit or punctuation mark other than "'" (a letter piece continues only with letters, marks or a
+# contraction). NOTE: Python's \s is a superset of the regex crate's, so (?<=\S) is safe.
+_SAFE_CUT = re.compile(r"(?<=\S)(?= )|(?<=[\r\n])(?=[^\s/])|(?<=[A-Za-z])(?=[0-9!-&(-/:-@\[-`{-~])")
 
 
 def get_encoding(vocab_dir: str | os.PathLike[str] | None = None) -> HarmonyEncoding:
@@ -60,6 +79,39 @@ def _load_encoding(vocab_dir: str | None, _env_vocab: str | None, _env_cache: st
                 del os.environ[_ENV_TIKTOKEN_BASE]
             else:
                 os.environ[_ENV_TIKTOKEN_BASE] = previous
+
+
+def text_chunks(text: str) -> Iterator[str]:
+    """`text` in pieces of at most MAX_CHUNK_CHARS characters whose tokens, concatenated, are the text's
+    (except inside a stretch of more than MAX_CHUNK_CHARS // 2 characters that o200k never splits)."""
+    start, n = 0, len(text)
+    while n - start > MAX_CHUNK_CHARS:
+        half = start + MAX_CHUNK_CHARS // 2
+        cut = _SAFE_CUT.search(text, half, start + MAX_CHUNK_CHARS + 1)
+        # NOTE: no safe place in [half, start + MAX_CHUNK_CHARS]: half lies in a stretch o200k never splits
+        # (one BPE piece of over 128 characters); shorter forced pieces keep its quadratic merge cheap.
+        end = cut.start() if cut is not None else half
+        yield text[start:end]
+        start = end
+    yield text[start:]
+
+
+def encode_ordinary(encoding: HarmonyEncoding, text: str, stop_after: int | None = None) -> list[int]:
+    """o200k tokens of `text` (special-token text stays text), in linear time (see the module docstring).
+
+    With `stop_after`, encoding stops once more than that many tokens are found: the result is then cut
+    short, and its length (> stop_after) says only that the text is longer than that.
+    """
+    inner = encoding._inner  # NOTE: the Rust method; the Python wrapper scans for special tokens first
+    ids: list[int] = []
+    for chunk in text_chunks(text):
+        try:
+            ids += inner.encode(chunk, [])
+        except UnicodeEncodeError:  # lone surrogates, as openai-harmony's wrapper treats them
+            ids += inner.encode(chunk.encode("utf-16", "surrogatepass").decode("utf-16", "replace"), [])
+        if stop_after is not None and len(ids) > stop_after:
+            break
+    return ids
 
 
 def get_tokenizer(vocab_dir: str | os.PathLike[str] | None = None) -> Tokenizer:
@@ -91,12 +143,26 @@ class Tokenizer:
         }
         self._special_bytes = {i: name.encode() for name, i in self.special_tokens.items()}
         self._text_bytes: dict[int, bytes] = {}
+        every_special = sorted(encoding.special_tokens_set, key=len, reverse=True)
+        self._special_re = re.compile("|".join(map(re.escape, every_special)))
 
-    def encode(self, text: str, allow_special: bool = False) -> list[int]:
-        """Token ids of `text`. Special-token text such as "<|start|>" stays plain text unless allowed."""
-        if allow_special:
-            return self.encoding.encode(text, allowed_special="all")
-        return self.encoding.encode(text, disallowed_special=())
+    def encode(self, text: str, allow_special: bool = False, *, stop_after: int | None = None) -> list[int]:
+        """Token ids of `text`, in linear time. Special-token text such as "<|start|>" stays plain text
+        unless allowed. `stop_after`: as in `encode_ordinary` (the result may be cut short)."""
+        if not allow_special:
+            return encode_ordinary(self.encoding, text, stop_after)
+        ids: list[int] = []
+        start = 0
+        for m in self._special_re.finditer(text):
+            ids += self.encode(text[start : m.start()], stop_after=_left(stop_after, ids))
+            ids.append(
+                self.special_tokens.get(m.group())
+                or self.encoding.encode(m.group(), allowed_special="all")[0]
+            )
+            start = m.end()
+            if stop_after is not None and len(ids) > stop_after:
+                return ids
+        return ids + self.encode(text[start:], stop_after=_left(stop_after, ids))
 
     def decode(self, token_ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Text of `token_ids`; invalid UTF-8 becomes U+FFFD. Named specials appear unless skipped."""
@@ -127,6 +193,10 @@ class Tokenizer:
     def detokenizer(self, skip_special_tokens: bool = True) -> IncrementalDetokenizer:
         """A fresh `IncrementalDetokenizer` over this tokenizer."""
         return IncrementalDetokenizer(self, skip_special_tokens)
+
+
+def _left(stop_after: int | None, ids: list[int]) -> int | None:
+    return None if stop_after is None else stop_after - len(ids)
 
 
 class IncrementalDetokenizer:

@@ -13,6 +13,11 @@ turns that list into an openai-harmony `Conversation`, so both APIs render ident
 
 Past reasoning is dropped from every turn that ended in a final answer (Harmony's rule); reasoning of
 the turn still in progress (e.g. analysis + a tool call awaiting its result) is kept.
+
+openai-harmony renders each message's frame (header, channel, recipient, the tools section); the text the
+client sent (message text, instructions) is encoded by `encode_ordinary`, which takes linear time and
+releases the GIL (openai-harmony's own render holds it, is quadratic on long runs of one character and
+panics on very long ones). The tokens are the same: Harmony encodes a message's text on its own.
 """
 
 from __future__ import annotations
@@ -28,14 +33,14 @@ from openai_harmony import (
     HarmonyEncoding,
     Message,
     ReasoningEffort,
-    RenderConversationConfig,
     RenderOptions,
     Role,
     SystemContent,
+    TextContent,
     ToolDescription,
 )
 
-from osserve.harmony.encoding import MESSAGE, get_encoding
+from osserve.harmony.encoding import MESSAGE, START, encode_ordinary, get_encoding
 from osserve.harmony.errors import InvalidRequest
 from osserve.harmony.formats import ResponseFormat, response_formats_section
 from osserve.harmony.tools import (
@@ -64,13 +69,14 @@ def render_chat(
     options: PromptOptions | None = None,
     encoding: HarmonyEncoding | None = None,
     response_format: ResponseFormat | None = None,
+    stop_after: int | None = None,
 ) -> list[int]:
     """Prompt token ids for a Chat Completions request (plain dicts), ending in `<|start|>assistant`.
 
-    Raises `InvalidRequest` (with `param`) on a malformed request.
+    Raises `InvalidRequest` (with `param`) on a malformed request. `stop_after`: see `render_conversation`.
     """
     conv = chat_conversation(messages, tools, tool_choice, reasoning_effort, options, response_format)
-    return render_conversation(conv, encoding)
+    return render_conversation(conv, encoding, stop_after)
 
 
 def render_responses(
@@ -82,19 +88,62 @@ def render_responses(
     options: PromptOptions | None = None,
     encoding: HarmonyEncoding | None = None,
     text_format: ResponseFormat | None = None,
+    stop_after: int | None = None,
 ) -> list[int]:
     """Prompt token ids for a Responses API request: `input` (string or items), `instructions`,
     function `tools`, `tool_choice`, `reasoning` ({"effort": ...}) and a parsed `text.format`."""
     conv = responses_conversation(input, instructions, tools, tool_choice, reasoning, options, text_format)
-    return render_conversation(conv, encoding)
+    return render_conversation(conv, encoding, stop_after)
 
 
-def render_conversation(conv: Conversation, encoding: HarmonyEncoding | None = None) -> list[int]:
-    """Render for the assistant's next turn. Our builder already dropped old reasoning, so
-    openai-harmony's own (narrower: only before the first final) dropping is switched off."""
+# Stands in for developer instructions while openai-harmony lays out the developer message around them.
+_INSTRUCTIONS_MARK = "\uffffosserve-instructions\uffff"
+
+
+def render_conversation(
+    conv: Conversation, encoding: HarmonyEncoding | None = None, stop_after: int | None = None
+) -> list[int]:
+    """Render for the assistant's next turn: openai-harmony's `render_conversation_for_completion` with
+    `auto_drop_analysis` off (our builder already dropped old reasoning), texts encoded as the module
+    docstring says. With `stop_after`, rendering stops once the prompt has more than that many tokens: the
+    result is then cut short (its length only says the prompt is longer than `stop_after`)."""
     enc = encoding or get_encoding()
-    config = RenderConversationConfig(auto_drop_analysis=False)
-    return enc.render_conversation_for_completion(conv, Role.ASSISTANT, config)
+    options = RenderOptions(conversation_has_function_tools=_has_function_tools(conv))
+    ids: list[int] = []
+    for message in conv.messages:
+        budget = None if stop_after is None else stop_after - len(ids)
+        ids += _render_message(enc, message, options, budget)
+        if stop_after is not None and len(ids) > stop_after:
+            return ids
+    return [*ids, START, *encode_ordinary(enc, Role.ASSISTANT.value)]
+
+
+def _render_message(
+    enc: HarmonyEncoding, message: Message, options: RenderOptions, stop_after: int | None
+) -> list[int]:
+    """One message: openai-harmony's frame with the client's text spliced in after `<|message|>`."""
+    match message.content:
+        case [TextContent(text=text)]:
+            frame = enc.render(message.model_copy(update={"content": [TextContent(text="")]}), options)
+            return [*frame[:-1], *encode_ordinary(enc, text, stop_after), frame[-1]]
+        case [DeveloperContent(instructions=str(text)) as dev] if text:
+            marked = dev.model_copy(update={"instructions": _INSTRUCTIONS_MARK})
+            frame = enc.render(message.model_copy(update={"content": [marked]}), options)
+            body = frame.index(MESSAGE) + 1
+            head, _, tail = enc.decode_utf8(frame[body:-1]).partition(_INSTRUCTIONS_MARK)
+            return [*frame[:body], *encode_ordinary(enc, head + text + tail, stop_after), frame[-1]]
+    return enc.render(message, options)
+
+
+def _has_function_tools(conv: Conversation) -> bool:
+    return any(
+        isinstance(c, DeveloperContent)
+        and c.tools
+        and c.tools.get("functions")
+        and c.tools["functions"].tools
+        for m in conv.messages
+        for c in m.content
+    )
 
 
 def chat_conversation(

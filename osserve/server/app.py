@@ -1,7 +1,8 @@
 """The FastAPI app: routes over the async engine, API-key check, request metrics, lifespan.
 
 `create_app(config)` builds everything; the engine starts loading when the app starts, and requests get 503
-until it is ready (GET /health tells). `request_hook` lets tests adjust SamplingParams per request.
+until it is ready (GET /health tells). `request_hook` lets tests adjust SamplingParams per request. How the
+process runs it (graceful drain on SIGTERM, exit when the engine dies) is osserve/server/lifecycle.py.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from osserve.engine.async_engine import AsyncEngine, EngineClient
 from osserve.engine.engine import EngineCore
 from osserve.server.chat import create_chat_completion
 from osserve.server.completions import create_completion
-from osserve.server.errors import APIError, install_handlers
+from osserve.server.errors import PROPAGATE, APIError, install_handlers, internal_error
 from osserve.server.metrics import CONTENT_TYPE
 from osserve.server.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, ResponsesRequest
 from osserve.server.responses import create_response
@@ -47,8 +48,27 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (400, "Invalid request"),
         (401, "Missing or wrong API key"),
         (404, "Unknown model"),
-        (503, "Loading, overloaded (Retry-After) or the engine stopped"),
+        (503, "Loading, overloaded or shutting down (Retry-After), or the engine stopped"),
     )
+}
+# The generation endpoints answer one JSON body, or Server-Sent Events with "stream": true.
+_GENERATION = {
+    **_ERRORS,
+    200: {
+        "description": "The result; with stream: true, Server-Sent Events (data: lines, ending in [DONE] "
+        "or, for /v1/responses, in response.completed / response.incomplete / response.failed)",
+        "content": {
+            "application/json": {},
+            # One Server-Sent Event: its data line (JSON, or [DONE]) and, for /v1/responses, its event name.
+            "text/event-stream": {
+                "schema": {
+                    "type": "object",
+                    "required": ["data"],
+                    "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+                }
+            },
+        },
+    },
 }
 
 
@@ -63,8 +83,9 @@ def served_name(config: EngineConfig) -> str:
 
 
 class _Gate:
-    """Pure ASGI middleware (streaming-safe): the API-key check on /v1/*, and a count of every response by
-    endpoint and status."""
+    """Pure ASGI middleware (streaming-safe): the API-key check on /v1/*, a count of every response by
+    endpoint and status, and the last line of defence: any exception a route let through, BaseException
+    included (a panic in a native library), becomes OpenAI's error object."""
 
     def __init__(self, app: ASGIApp, state: ServerState):
         self.app = app
@@ -77,11 +98,12 @@ class _Gate:
         path = scope["path"]
         endpoint = path if path in _ENDPOINTS else "/v1/models" if path.startswith("/v1/models/") else "other"
         status = 500
+        started = False
 
         async def send_status(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
             await send(message)
 
         try:
@@ -96,15 +118,24 @@ class _Gate:
                 await error.response()(scope, receive, send_status)
                 return
             await self.app(scope, receive, send_status)
+        except PROPAGATE:
+            raise
+        except BaseException as e:  # noqa: BLE001 - see the class docstring
+            error = internal_error(e, f"serving {scope.get('method')} {path}")
+            if not started:  # else the response is cut short, as nothing else can be done
+                await error.response()(scope, receive, send_status)
         finally:
             self.state.metrics.requests.labels(endpoint, str(status)).inc()
 
     def _authorized(self, scope: Scope) -> bool:
+        """`Authorization: Bearer KEY`; the scheme is case-insensitive (RFC 9110)."""
         assert self.state.api_key is not None
-        expected = b"Bearer " + self.state.api_key.encode()
         for name, value in scope.get("headers", []):
             if name == b"authorization":
-                return hmac.compare_digest(value, expected)
+                scheme, _, token = value.strip().partition(b" ")
+                return scheme.lower() == b"bearer" and hmac.compare_digest(
+                    token.strip(), self.state.api_key.encode()
+                )
         return False
 
 
@@ -117,12 +148,14 @@ def create_app(
     tokenizer: Any = None,
     core_factory: Callable[[], tuple[EngineCore, str]] | None = None,
     engine: EngineClient | None = None,
+    shutdown_timeout: float = 30.0,
 ) -> FastAPI:
     """The server app for one model. The engine loads in the background once the app starts
     (`core_factory`, if given, replaces `build_engine`: tests use it to hold or fail the load).
 
     `engine`: any EngineClient (the disaggregated frontend passes one that routes to remote workers);
-    default: a ProcessEngine (engine loop in a child process) or an AsyncEngine in this process."""
+    default: a ProcessEngine (engine loop in a child process) or an AsyncEngine in this process.
+    `shutdown_timeout`: seconds requests in flight get to finish once a drain starts (`ServerState.drain`)."""
     if engine is None and core_factory is None and _engine_in_own_process(config):
         from osserve.engine.engine_process import ProcessEngine
 
@@ -130,6 +163,7 @@ def create_app(
     elif engine is None:
         engine = AsyncEngine(config, tokenizer or load_tokenizer(), core_factory)
     state = ServerState(config, engine, served_name(config), api_key, max_queue_len, request_hook)
+    state.shutdown_timeout = shutdown_timeout
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # noqa: ANN202
@@ -157,15 +191,15 @@ def create_app(
     install_handlers(app)
     app.add_middleware(_Gate, state=state)
 
-    @app.post("/v1/chat/completions", responses=_ERRORS, tags=["openai"])
+    @app.post("/v1/chat/completions", responses=_GENERATION, tags=["openai"])
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await create_chat_completion(state, body, request)
 
-    @app.post("/v1/responses", responses=_ERRORS, tags=["openai"])
+    @app.post("/v1/responses", responses=_GENERATION, tags=["openai"])
     async def responses(body: ResponsesRequest, request: Request) -> Response:
         return await create_response(state, body, request)
 
-    @app.post("/v1/completions", responses=_ERRORS, tags=["openai"])
+    @app.post("/v1/completions", responses=_GENERATION, tags=["openai"])
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await create_completion(state, body, request)
 
@@ -178,7 +212,9 @@ def create_app(
         state.check_model(model_id)
         return _model_card(state)
 
-    @app.get("/health", responses={503: {"description": "Loading, or the engine stopped"}}, tags=["ops"])
+    @app.get(
+        "/health", responses={503: {"description": "Loading, draining, or the engine stopped"}}, tags=["ops"]
+    )
     async def health() -> JSONResponse:
         return _health(state)
 
@@ -209,7 +245,7 @@ def _model_card(state: ServerState) -> dict[str, Any]:
         "created": state.created,
         "owned_by": "osserve",
         "root": state.config.model or state.served_model_name,
-        "max_model_len": state.engine.max_seq_len or state.config.max_seq_len,
+        "max_model_len": state.max_seq_len,
     }
 
 
@@ -217,7 +253,7 @@ def _health(state: ServerState) -> JSONResponse:
     engine = state.engine
     stats = engine.stats
     body: dict[str, Any] = {
-        "status": engine.state,
+        "status": "draining" if state.draining else engine.state,
         "model": state.served_model_name,
         "engine": {
             "state": engine.state,
@@ -230,7 +266,7 @@ def _health(state: ServerState) -> JSONResponse:
     }
     # An engine over other processes describes them (the disaggregated frontend's workers).
     body.update(engine.health_extra())
-    if engine.state == "ready":
+    if engine.state == "ready" and not state.draining:
         return JSONResponse(body)
     try:
         state.require_ready()
@@ -247,4 +283,4 @@ async def _announce_ready(state: ServerState) -> None:
         where = f" at {state.url}" if state.url else ""
         logger.info("ready: serving %r%s (OpenAI API under /v1)", state.served_model_name, where)
     else:
-        logger.error("the engine failed to load: %s", state.engine.error)
+        logger.error("could not load the model: %s", state.engine.error)

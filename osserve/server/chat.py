@@ -13,24 +13,23 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from osserve.engine.outputs import CompletionOutput
-from osserve.harmony.formats import parse_response_format
+from osserve.harmony.formats import ResponseFormat, parse_response_format
 from osserve.harmony.parse import Delta, OutputParser, coalesce
 from osserve.harmony.render import render_chat
 from osserve.harmony.tools import parse_chat_tools
 from osserve.server.constraints import request_constraint
-from osserve.server.errors import APIError, bad_request, from_value_error
+from osserve.server.errors import bad_request, from_value_error
 from osserve.server.logprobs import chat_logprob
+from osserve.server.prompts import check_prompt_length, check_unicode, prompt_budget
 from osserve.server.protocol import ChatCompletionRequest
 from osserve.server.serving import (
-    ClientDisconnected,
     EngineStream,
-    EventStream,
     ServerState,
+    continuous_usage,
     sampling_params,
-    sse,
-    until_disconnect,
     usage_requested,
 )
+from osserve.server.sse import ClientDisconnected, chat_error_events, done_event, sse
 
 logger = logging.getLogger("osserve.server")
 EFFORTS = ("low", "medium", "high")
@@ -203,23 +202,20 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
     state.require_ready()
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     try:
         response_format = parse_response_format(_dump_one(req.response_format))
         tools = parse_chat_tools(_dump(req.tools))
-        prompt_ids = render_chat(
-            _dump(req.messages),
-            _dump(req.tools),
-            req.tool_choice,
-            _effort(req),
-            response_format=response_format,
-        )
     except ValueError as e:
         raise from_value_error(e) from None
-    tok = state.tokenizer
-    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    max_seq_len = state.max_seq_len
+    budget = prompt_budget(max_seq_len, max_tokens)
+    prompt_ids = await state.prompts.run(_render, req, response_format, budget)
+    check_prompt_length(len(prompt_ids), budget, max_seq_len, max_tokens, "messages")
     structured = await request_constraint(
         response_format, tools, req.tool_choice, max_tokens, "tools[{}].function.parameters"
     )
+    tok = state.tokenizer
     top = (req.top_logprobs or 0) if req.logprobs else None
     params = sampling_params(
         req,
@@ -235,17 +231,15 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
         structured=structured,
     )
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    if any(not s for s in stops):
-        raise bad_request("stop strings must be non-empty", "stop")
     state.apply_hook("chat.completions", req, prompt_ids, params)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     stream = state.submit("chat.completions", request_id, prompt_ids, params)
     choices = [ChoiceState(i, state, stops, top) for i in range(req.n)]
     head = {"id": request_id, "created": int(time.time()), "model": state.served_model_name}
     if req.stream:
-        return EventStream(_stream(stream, choices, head, req), stream.aclose)
+        return state.event_stream(_stream(stream, choices, head, req), stream.aclose, chat_error_events)
     try:
-        await until_disconnect(raw, _consume(stream, choices))
+        await state.finish_or_stop(raw, _consume(stream, choices))
     except ClientDisconnected:
         return Response(status_code=499)
     finally:
@@ -268,6 +262,21 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
     return JSONResponse(body)
 
 
+def _render(
+    req: ChatCompletionRequest, response_format: ResponseFormat | None, stop_after: int | None
+) -> list[int]:
+    """The prompt (on a worker thread): the whole request is checked for text that is not Unicode first."""
+    check_unicode(req.model_dump(exclude_unset=True))
+    return render_chat(
+        _dump(req.messages),
+        _dump(req.tools),
+        req.tool_choice,
+        _effort(req),
+        response_format=response_format,
+        stop_after=stop_after,
+    )
+
+
 def _count_reasoning(state: ServerState, choices: list[ChoiceState]) -> None:
     state.metrics.reasoning_tokens.inc(sum(c.parser.num_reasoning_tokens for c in choices))
 
@@ -284,36 +293,42 @@ async def _consume(stream: EngineStream, choices: list[ChoiceState]) -> None:
 async def _stream(
     stream: EngineStream, choices: list[ChoiceState], head: dict[str, Any], req: ChatCompletionRequest
 ) -> AsyncIterator[str]:
-    with_usage = usage_requested(req)
+    with_usage, continuous = usage_requested(req), continuous_usage(req)
     chunk_head = {**head, "object": "chat.completion.chunk"}
+
+    def usage() -> dict[str, Any]:
+        if continuous:
+            return {"usage": _usage(stream, choices)}
+        return {"usage": None} if with_usage else {}
 
     def chunk(index: int, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> str:
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-        return sse({**chunk_head, "choices": [choice], **({"usage": None} if with_usage else {})})
+        return sse({**chunk_head, "choices": [choice], **usage()})
 
     for c in choices:
         yield chunk(c.index, {"role": "assistant", "content": ""})
-    try:
-        async for out in stream:
-            for o in out.outputs:
-                c = choices[o.index]
-                if c.done:
-                    continue
-                deltas, logprobs = c.feed(o)
-                for d in deltas:
-                    lp = {"content": logprobs} if logprobs and d.kind == "content" else None
-                    logprobs = [] if lp else logprobs
-                    yield chunk(c.index, delta_dict(d), logprobs=lp)
-                if c.done:
-                    yield chunk(c.index, {}, c.finish_reason)
-            if all(c.done for c in choices):
-                stream.close_reason = "stop"
-                break
-    except APIError as e:
-        yield sse(e.body())
-        yield sse("[DONE]")
-        return
+    async for out in stream:
+        sent = False
+        for o in out.outputs:
+            c = choices[o.index]
+            if c.done:
+                continue
+            deltas, logprobs = c.feed(o)
+            for d in deltas:
+                lp = {"content": logprobs} if logprobs and d.kind == "content" else None
+                logprobs = [] if lp else logprobs
+                yield chunk(c.index, delta_dict(d), logprobs=lp)
+                sent = True
+            if c.done:
+                yield chunk(c.index, {}, c.finish_reason)
+                sent = True
+        if continuous and not sent:
+            # Tokens that show no text yet (a Harmony header): the count still tells the client they came.
+            yield sse({**chunk_head, "choices": [], **usage()})
+        if all(c.done for c in choices):
+            stream.close_reason = "stop"
+            break
     _count_reasoning(stream.state, choices)
     if with_usage:
         yield sse({**chunk_head, "choices": [], "usage": _usage(stream, choices)})
-    yield sse("[DONE]")
+    yield done_event()

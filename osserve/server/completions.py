@@ -16,32 +16,31 @@ from starlette.responses import JSONResponse, Response
 from osserve.engine.outputs import RequestOutput
 from osserve.server.errors import APIError, bad_request
 from osserve.server.logprobs import completion_logprobs
+from osserve.server.prompts import check_prompt_length, check_unicode, prompt_budget
 from osserve.server.protocol import CompletionRequest
 from osserve.server.serving import (
-    ClientDisconnected,
     EngineStream,
-    EventStream,
     ServerState,
+    continuous_usage,
     sampling_params,
-    sse,
-    until_disconnect,
     usage_requested,
 )
+from osserve.server.sse import ClientDisconnected, chat_error_events, done_event, sse
 
 
-def _prompts(state: ServerState, prompt: Any) -> list[tuple[list[int], str]]:
-    """(token ids, text) of each prompt."""
-    tok = state.tokenizer
+def _prompts(tok: Any, req: CompletionRequest, stop_after: int | None) -> list[tuple[list[int], str]]:
+    """(token ids, text) of each prompt (on a worker thread). A text prompt's encoding stops once it has
+    more than `stop_after` tokens."""
+    check_unicode(req.model_dump(exclude_unset=True))
+    prompt = req.prompt
     if isinstance(prompt, str):
-        return [(tok.encode(prompt), prompt)]
-    if not prompt:
-        raise bad_request("prompt must not be empty", "prompt")
+        return [(tok.encode(prompt, stop_after=stop_after), prompt)]
     if isinstance(prompt[0], int):
         return [(list(prompt), tok.decode(prompt, skip_special_tokens=False))]
     out = []
     for p in prompt:
         if isinstance(p, str):
-            out.append((tok.encode(p), p))
+            out.append((tok.encode(p, stop_after=stop_after), p))
         else:
             out.append((list(p), tok.decode(p, skip_special_tokens=False)))
     return out
@@ -102,7 +101,11 @@ async def create_completion(state: ServerState, req: CompletionRequest, raw: Req
         raise bad_request("suffix is not supported", "suffix")
     if req.best_of is not None and req.best_of != req.n:
         raise bad_request("best_of is not supported (other than best_of = n)", "best_of")
-    prompts = _prompts(state, req.prompt)
+    max_seq_len = state.max_seq_len
+    budget = prompt_budget(max_seq_len, req.max_tokens)
+    prompts = await state.prompts.run(_prompts, state.tokenizer, req, budget, param="prompt")
+    for ids, _ in prompts:
+        check_prompt_length(len(ids), budget, max_seq_len, req.max_tokens, "prompt")
     params = sampling_params(req, req.max_tokens, n=req.n, stop=req.stop, logprobs=req.logprobs)
     state.apply_hook("completions", req, prompts[0][0], params)  # the first prompt, if several
     request_id = f"cmpl-{uuid.uuid4().hex}"
@@ -125,9 +128,9 @@ async def create_completion(state: ServerState, req: CompletionRequest, raw: Req
             await s.aclose()
 
     if req.stream:
-        return EventStream(_stream(state, req, streams, choices, head), close)
+        return state.event_stream(_stream(state, req, streams, choices, head), close, chat_error_events)
     try:
-        await until_disconnect(raw, _consume(state, req, streams, choices))
+        await state.finish_or_stop(raw, _consume(state, req, streams, choices))
     except ClientDisconnected:
         return Response(status_code=499)
     finally:
@@ -193,26 +196,31 @@ async def _stream(
     choices: list[_Choice],
     head: dict[str, Any],
 ) -> AsyncIterator[str]:
-    with_usage = usage_requested(req)
+    with_usage, continuous = usage_requested(req), continuous_usage(req)
     chunk_head = {**head, "object": "text_completion"}
+
+    def usage() -> dict[str, Any]:
+        if continuous:
+            return {"usage": _usage(streams)}
+        return {"usage": None} if with_usage else {}
+
     # NOTE: aclosing, so that a client gone mid-stream stops the per-prompt pumps before the streams close.
-    try:
-        async with contextlib.aclosing(_merge(streams)) as merged:
-            async for i, out in merged:
-                for c, text, lps in _apply(state, req, choices, i, out):
-                    if not text and c.finish_reason is None:
-                        continue
-                    choice = {
-                        "index": c.index,
-                        "text": text,
-                        "logprobs": lps,
-                        "finish_reason": c.finish_reason,
-                    }
-                    yield sse({**chunk_head, "choices": [choice], **({"usage": None} if with_usage else {})})
-    except APIError as e:
-        yield sse(e.body())
-        yield sse("[DONE]")
-        return
+    async with contextlib.aclosing(_merge(streams)) as merged:
+        async for i, out in merged:
+            sent = False
+            for c, text, lps in _apply(state, req, choices, i, out):
+                if not text and c.finish_reason is None:
+                    continue
+                choice = {
+                    "index": c.index,
+                    "text": text,
+                    "logprobs": lps,
+                    "finish_reason": c.finish_reason,
+                }
+                yield sse({**chunk_head, "choices": [choice], **usage()})
+                sent = True
+            if continuous and not sent:  # tokens without text (yet): the count says they came
+                yield sse({**chunk_head, "choices": [], **usage()})
     if with_usage:
         yield sse({**chunk_head, "choices": [], "usage": _usage(streams)})
-    yield sse("[DONE]")
+    yield done_event()

@@ -18,7 +18,7 @@ import yaml
 from osserve.config import EngineConfig
 
 # Server options a deployment file may set for `serve` (CLI flags override them).
-SERVER_KEYS = ("host", "port", "api_key", "max_queue_len", "log_level")
+SERVER_KEYS = ("host", "port", "api_key", "max_queue_len", "shutdown_timeout", "log_level")
 ENGINE_KEYS = tuple(f.name for f in dataclasses.fields(EngineConfig))
 
 

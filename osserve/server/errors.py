@@ -2,10 +2,13 @@
 
 Bad input is always a 4xx: FastAPI's validation errors, malformed JSON and unknown routes are converted
 here, and a ValueError raised while checking a request becomes a 400 that names the field where it can.
+Anything else, native libraries' panics (BaseException) included, is a 500 in the same shape; only
+KeyboardInterrupt, SystemExit and cancellation pass through (`PROPAGATE`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -46,6 +49,48 @@ class APIError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+LONE_SURROGATE = (
+    "contains a lone UTF-16 surrogate (\\ud800 to \\udfff); text must be valid Unicode (a character beyond "
+    "U+FFFF is written as a pair of \\u escapes, high then low)"
+)
+# What must never be turned into an error response: stopping the process, and task cancellation.
+PROPAGATE = (KeyboardInterrupt, SystemExit, asyncio.CancelledError, GeneratorExit)
+
+
+def internal_error(e: BaseException, doing: str) -> APIError:
+    """A failure that is not the client's (a bug, or a native library's panic), logged with its traceback."""
+    logger.error("internal error while %s", doing, exc_info=e)
+    detail = str(e).splitlines()[0][:300] if str(e) else ""
+    return APIError(
+        500,
+        f"internal error while {doing}: {type(e).__name__}" + (f": {detail}" if detail else ""),
+        "server_error",
+        None,
+        "internal_error",
+    )
+
+
+def draining_error() -> APIError:
+    return APIError(
+        503,
+        "the server is shutting down and takes no new requests; retry (on another replica)",
+        "server_error",
+        None,
+        "server_draining",
+        {"Retry-After": "1"},
+    )
+
+
+def shutdown_error(grace_s: float) -> APIError:
+    return APIError(
+        503,
+        f"the server shut down before this request finished (it had {grace_s:g} s to finish); retry it",
+        "server_error",
+        None,
+        "server_shutdown",
+    )
 
 
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
@@ -92,7 +137,9 @@ def _param(error: dict[str, Any]) -> tuple[str | None, int]:
     loc = [p for p in error.get("loc", ()) if p != "body"]
     parts: list[str | int] = []
     for i, p in enumerate(loc):
-        if isinstance(p, str) and (p in _TYPE_NAMES or "[" in p or p[:1].isupper()):
+        if isinstance(p, str) and (
+            p in _TYPE_NAMES or "[" in p or p[:1].isupper() or p.startswith("constrained-")
+        ):
             continue  # a union member's type, not a field
         if isinstance(p, str) and p in _TAGS and i > 0 and isinstance(loc[i - 1], int):
             continue
@@ -135,12 +182,20 @@ def validation_error(exc: RequestValidationError, content_type: str = "applicati
         return bad_request("request body must be a JSON object")
     if loc in (("body",), ()) and kind == "missing":
         return bad_request("request body is missing; send a JSON object")
+    for e in errors:
+        if e.get("type") == "string_unicode":  # a lone surrogate, which pydantic reads as no string at all
+            param = _param(e)[0]
+            return bad_request(f"{param or 'request body'}: {LONE_SURROGATE}", param)
     # With unions, pydantic reports every member that failed; the one that got deepest is what the client
     # meant (a list of messages with one bad message, not "input should be a string").
     located = [(e, *_param(e)) for e in errors]
     deepest = max(depth for _, _, depth in located)
-    param = next(p for _, p, depth in located if depth == deepest)
-    same = [e for e, p, _ in located if p == param]
+    # Among those, an error about the value (too short, too small) beats "should be a valid <type>": it
+    # comes from the form whose types fit, the one the client wrote.
+    candidates = [(e, p) for e, p, depth in located if depth == deepest]
+    valued = [(e, p) for e, p in candidates if not str(e.get("type", "")).endswith("_type")] or candidates
+    param = valued[0][1]
+    same = [e for e, p in valued if p == param]
     msgs = list(dict.fromkeys(_message(e) for e in same))
     msg = msgs[0] if len(msgs) == 1 else "fits none of the allowed forms: " + "; or ".join(msgs)
     where = f"{param}: " if param else ""
@@ -167,8 +222,3 @@ def install_handlers(app: FastAPI) -> None:
         if exc.status_code == 404:
             message = f"no route {request.method} {request.url.path}; see GET /docs for the API"
         return APIError(exc.status_code, message, kind, None, code, getattr(exc, "headers", None)).response()
-
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("internal error on %s %s", request.method, request.url.path)
-        return APIError(500, f"internal server error: {type(exc).__name__}", "server_error").response()

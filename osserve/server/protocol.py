@@ -4,6 +4,11 @@ Types are strict (a string is not a number) so that a wrong type is a 400 that n
 may be written 3.0, as JSON Schema allows. Messages, tools and Responses input items are typed by shape;
 `osserve.harmony` checks what they mean (tool names, schemas, call ids) and names the offending field
 itself. Unknown top-level fields are ignored, as vLLM does, so clients that send extras keep working.
+
+The published schema (GET /openapi.json) refuses what the server refuses wherever JSON Schema can say it
+(`_only`: options the server does not support yet; top_logprobs needs logprobs; no empty prompt); the
+server's own checks keep their clearer messages. What the schema cannot say (a tool message's call id must
+match an earlier call; the prompt must fit the context) is checked by the server alone.
 """
 
 from __future__ import annotations
@@ -37,7 +42,45 @@ def Int(lo: int, hi: int) -> Any:  # noqa: N802 - a type, read as one
     ]
 
 
+def _only(schema: dict[str, Any]) -> Any:
+    """Publish `schema` for a field whose type accepts more, so that the server can refuse the rest itself
+    with a message that says what is supported."""
+    return WithJsonSchema(schema)
+
+
 TokenId = Int(0, 2**31 - 1)  # checked against the vocabulary by the engine
+# The same, validated without a Python call per item (a prompt may hold a million ids): 3.0 is no such id,
+# so a list with one is validated again as `TokenId`s.
+FastTokenId = Annotated[int, Strict(), Field(ge=0, le=2**31 - 1)]
+TOKEN_ID_SCHEMA = {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}
+NonEmptyText = Annotated[str, Field(min_length=1)]
+Stop = NonEmptyText | list[NonEmptyText]
+TOOL_NAME_SCHEMA = {"type": "string", "pattern": "^[a-zA-Z0-9_-]{1,64}$"}
+# "auto" | "none" | "required", or one function by name (Chat's and Responses' forms; it must be a tool).
+TOOL_CHOICE_SCHEMA = {
+    "anyOf": [
+        {"enum": ["auto", "none", "required"]},
+        {
+            "type": "object",
+            "required": ["type", "function"],
+            "properties": {
+                "type": {"const": "function"},
+                "function": {
+                    "type": "object",
+                    "required": ["name"],
+                    "properties": {"name": TOOL_NAME_SCHEMA},
+                },
+            },
+        },
+        {
+            "type": "object",
+            "required": ["type", "name"],
+            "properties": {"type": {"const": "function"}, "name": TOOL_NAME_SCHEMA},
+        },
+        {"type": "null"},
+    ]
+}
+ToolChoice = Annotated[str | Json | None, _only(TOOL_CHOICE_SCHEMA)]
 Seed = Int(SEED_MIN, SEED_MAX)
 NumTokens = Int(1, MAX_TOKENS_LIMIT)
 NumChoices = Int(1, 128)
@@ -58,6 +101,10 @@ class _Open(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    continuous_usage_stats: bool = Field(
+        False,
+        description="With include_usage: the usage so far in every chunk, also for tokens showing no text.",
+    )
 
 
 # -- chat messages ----------------------------------------------------------------------------------------
@@ -72,7 +119,7 @@ Content = str | list[TextPart]
 
 
 class FunctionDefinition(_Open):
-    name: str
+    name: Annotated[str, _only(TOOL_NAME_SCHEMA)]
     description: str | None = None
     parameters: Json | None = None
     strict: bool | None = None
@@ -136,7 +183,7 @@ ChatMessage = Annotated[
 
 
 class ResponseFormat(_Open):
-    type: Literal["text", "json_object", "json_schema"] = "text"
+    type: Annotated[Literal["text", "json_object", "json_schema"], _only({"const": "text"})] = "text"
 
 
 # -- Responses API input items ------------------------------------------------------------------------
@@ -193,7 +240,7 @@ InputItem = Annotated[
 
 class ResponsesFunctionTool(_Open):
     type: Literal["function"] = "function"
-    name: str
+    name: Annotated[str, _only(TOOL_NAME_SCHEMA)]
     description: str | None = None
     parameters: Json | None = None
     strict: bool | None = None
@@ -225,17 +272,23 @@ class _Sampling(_Strict):
 
 
 class ChatCompletionRequest(_Sampling):
+    # JSON Schema for "top_logprobs (a number) needs logprobs: true", as the server checks it.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "if": {"properties": {"top_logprobs": {"type": "integer"}}, "required": ["top_logprobs"]},
+            "then": {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]},
+        }
+    )
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: NumTokens | None = Field(None, description="Older name of max_completion_tokens.")
     max_completion_tokens: NumTokens | None = None
     n: NumChoices = 1
-    stop: str | list[str] | None = Field(
-        None, description="Strings that end the answer (content) where they appear."
-    )
+    stop: Stop | None = Field(None, description="Strings that end the answer (content) where they appear.")
     logprobs: bool = False
-    top_logprobs: NumLogprobs | None = None
+    top_logprobs: NumLogprobs | None = Field(None, description="Needs logprobs: true.")
     tools: list[ChatTool] | None = None
-    tool_choice: str | Json | None = None
+    tool_choice: ToolChoice = None
     parallel_tool_calls: bool | None = None
     reasoning_effort: Literal["low", "medium", "high"] | None = None
     chat_template_args: Json | None = Field(
@@ -247,15 +300,40 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    # A string, a list of strings, a list of token ids or a list of token-id lists.
-    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
+    # A string, a list of strings, a list of token ids or a list of token-id lists; never empty. NOTE: tried
+    # in this order, first match wins: a long list of ids costs one fast pass, not one failed pass per form.
+    prompt: Annotated[
+        NonEmptyText
+        | Annotated[list[FastTokenId], Field(min_length=1)]
+        | Annotated[list[Annotated[list[FastTokenId], Field(min_length=1)]], Field(min_length=1)]
+        | Annotated[list[NonEmptyText], Field(min_length=1)]
+        | Annotated[list[TokenId], Field(min_length=1)]
+        | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)],
+        Field(union_mode="left_to_right"),
+        _only(
+            {
+                "anyOf": [
+                    {"type": "string", "minLength": 1},
+                    {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
+                    {"type": "array", "minItems": 1, "items": TOKEN_ID_SCHEMA},
+                    {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {"type": "array", "minItems": 1, "items": TOKEN_ID_SCHEMA},
+                    },
+                ]
+            }
+        ),
+    ]
     max_tokens: NumTokens | None = 16
     n: NumChoices = 1
-    stop: str | list[str] | None = None
+    stop: Stop | None = None
     logprobs: NumLogprobs | None = None
     echo: bool = False
-    best_of: NumChoices | None = None
-    suffix: str | None = None
+    best_of: NumChoices | None = Field(None, description="Only best_of = n.")
+    suffix: Annotated[str | None, _only({"anyOf": [{"type": "null"}, {"const": ""}]})] = Field(
+        None, description="Not supported."
+    )
 
 
 class ReasoningOptions(_Open):
@@ -264,7 +342,7 @@ class ReasoningOptions(_Open):
 
 
 class ResponsesTextFormat(_Open):
-    type: Literal["text", "json_object", "json_schema"] = "text"
+    type: Annotated[Literal["text", "json_object", "json_schema"], _only({"const": "text"})] = "text"
 
 
 class ResponsesText(_Open):
@@ -277,15 +355,19 @@ class ResponsesRequest(_Sampling):
     instructions: str | None = None
     max_output_tokens: NumTokens | None = None
     tools: list[ResponsesFunctionTool] | None = None
-    tool_choice: str | Json | None = None
+    tool_choice: ToolChoice = None
     parallel_tool_calls: bool | None = None
     reasoning: ReasoningOptions | None = None
     text: ResponsesText | None = None
     top_logprobs: NumLogprobs | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None
-    background: bool | None = None
-    previous_response_id: str | None = None
+    background: Annotated[bool | None, _only({"anyOf": [{"type": "null"}, {"const": False}]})] = Field(
+        None, description="Not supported (nothing is stored)."
+    )
+    previous_response_id: Annotated[str | None, _only({"type": "null"})] = Field(
+        None, description="Not supported (nothing is stored): send the whole conversation."
+    )
     truncation: Literal["auto", "disabled"] | None = None
     include: list[str] | None = None
 

@@ -11,23 +11,17 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from osserve.harmony.formats import parse_text_format
+from osserve.harmony.formats import ResponseFormat, parse_text_format
 from osserve.harmony.parse import Delta
 from osserve.harmony.render import render_responses
 from osserve.harmony.tools import parse_responses_tools
 from osserve.server.chat import ChoiceState
 from osserve.server.constraints import request_constraint
 from osserve.server.errors import APIError, bad_request, from_value_error
+from osserve.server.prompts import check_prompt_length, check_unicode, prompt_budget
 from osserve.server.protocol import ResponsesRequest
-from osserve.server.serving import (
-    ClientDisconnected,
-    EngineStream,
-    EventStream,
-    ServerState,
-    sampling_params,
-    sse,
-    until_disconnect,
-)
+from osserve.server.serving import EngineStream, ServerState, sampling_params
+from osserve.server.sse import ClientDisconnected, sse
 
 _PREFIX = {"reasoning": "rs", "content": "msg", "tool_call": "fc"}
 
@@ -123,6 +117,17 @@ class ResponseBuilder:
             return {"type": "reasoning_text", "text": text}
         return {"type": "output_text", "text": text, "annotations": [], "logprobs": list(self._logprobs)}
 
+    def error_events(self, error: APIError) -> list[str]:
+        """How a stream ends on an error: an `error` event, then `response.failed` with the response."""
+        events = [
+            self.event("error", code=error.code, message=error.message, param=error.param),
+            self.event(
+                "response.failed",
+                response=self.response("failed", error={"code": error.code, "message": error.message}),
+            ),
+        ]
+        return [sse(e, e["type"]) for e in events]
+
     def close(self, status: str) -> list[dict[str, Any]]:
         """Finish the open item, if any."""
         if self._open_index is None:
@@ -186,24 +191,19 @@ async def create_response(state: ServerState, req: ResponsesRequest, raw: Reques
     state.require_ready()
     _check_supported(req)
     effort = req.reasoning.effort if req.reasoning is not None else None
-    items = req.input if isinstance(req.input, str) else [i.model_dump(exclude_unset=True) for i in req.input]
     tools = [t.model_dump(exclude_unset=True) for t in req.tools] if req.tools is not None else None
     text_format = (
         req.text.format.model_dump() if req.text is not None and req.text.format is not None else None
     )
     try:
         response_format = parse_text_format(text_format)
-        prompt_ids = render_responses(
-            items,
-            req.instructions,
-            tools,
-            req.tool_choice,
-            {"effort": effort} if effort else None,
-            text_format=response_format,
-        )
         parsed_tools = parse_responses_tools(tools)
     except ValueError as e:
         raise from_value_error(e, None, "input") from None
+    max_seq_len = state.max_seq_len
+    budget = prompt_budget(max_seq_len, req.max_output_tokens)
+    prompt_ids = await state.prompts.run(_render, req, effort, tools, response_format, budget, param="input")
+    check_prompt_length(len(prompt_ids), budget, max_seq_len, req.max_output_tokens, "input")
     structured = await request_constraint(
         response_format, parsed_tools, req.tool_choice, req.max_output_tokens, "tools[{}].parameters"
     )
@@ -223,15 +223,37 @@ async def create_response(state: ServerState, req: ResponsesRequest, raw: Reques
     choice = ChoiceState(0, state, [], req.top_logprobs)
     builder = ResponseBuilder(_snapshot(state, req, response_id, effort, tools or [], text_format))
     if req.stream:
-        return EventStream(_stream(stream, choice, builder), stream.aclose)
+        return state.event_stream(_stream(stream, choice, builder), stream.aclose, builder.error_events)
     try:
-        await until_disconnect(raw, _consume(stream, choice, builder))
+        await state.finish_or_stop(raw, _consume(stream, choice, builder))
     except ClientDisconnected:
         return Response(status_code=499)
     finally:
         await stream.aclose()
     state.metrics.reasoning_tokens.inc(choice.parser.num_reasoning_tokens)
     return JSONResponse(_final(builder, stream, choice)[1])
+
+
+def _render(
+    req: ResponsesRequest,
+    effort: str | None,
+    tools: list[dict[str, Any]] | None,
+    text_format: ResponseFormat | None,
+    stop_after: int | None,
+) -> list[int]:
+    """The prompt (on a worker thread): the whole request is checked for text that is not Unicode first."""
+    check_unicode(req.model_dump(exclude_unset=True))
+    items = req.input if isinstance(req.input, str) else [i.model_dump(exclude_unset=True) for i in req.input]
+    reasoning = {"effort": effort} if effort else None
+    return render_responses(
+        items,
+        req.instructions,
+        tools,
+        req.tool_choice,
+        reasoning,
+        text_format=text_format,
+        stop_after=stop_after,
+    )
 
 
 def _snapshot(
@@ -293,16 +315,11 @@ async def _consume(stream: EngineStream, choice: ChoiceState, builder: ResponseB
 async def _stream(stream: EngineStream, choice: ChoiceState, builder: ResponseBuilder) -> AsyncIterator[str]:
     for event in builder.start():
         yield sse(event, event["type"])
-    try:
-        async for out in stream:
-            for event in builder.feed(*choice.feed(out.outputs[0])):
-                yield sse(event, event["type"])
-            if choice.done:
-                break
-    except APIError as e:
-        event = builder.event("error", code=e.code, message=e.message, param=e.param)
-        yield sse(event, "error")
-        return
+    async for out in stream:
+        for event in builder.feed(*choice.feed(out.outputs[0])):
+            yield sse(event, event["type"])
+        if choice.done:
+            break
     stream.state.metrics.reasoning_tokens.inc(choice.parser.num_reasoning_tokens)
     for event in _final(builder, stream, choice)[0]:
         yield sse(event, event["type"])

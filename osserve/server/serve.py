@@ -20,6 +20,7 @@ SERVER_DEFAULTS: dict[str, Any] = {
     "port": 8000,
     "api_key": None,
     "max_queue_len": None,
+    "shutdown_timeout": 30.0,
     "log_level": "info",
 }
 
@@ -72,7 +73,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=argparse.SUPPRESS,
         metavar="N",
-        help="answer 503 with Retry-After at once when N requests are already queued (default: unlimited)",
+        help="hold at most max_batch_size + N sequences (running + queued); answer 503 with Retry-After at "
+        "once beyond that; 0: no queue (default: unlimited)",
+    )
+    server.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=argparse.SUPPRESS,
+        metavar="S",
+        help="on SIGTERM / SIGINT, seconds requests in flight get to finish before they are ended with an "
+        "error; new requests get 503 meanwhile (default: 30)",
     )
     server.add_argument(
         "--log-level",
@@ -102,11 +112,13 @@ def resolve(args: argparse.Namespace) -> tuple[EngineConfig, dict[str, Any]]:
     for key in SERVER_DEFAULTS:
         if hasattr(args, key):
             server[key] = getattr(args, key)
-    port, queue = server["port"], server["max_queue_len"]
+    port, queue, grace = server["port"], server["max_queue_len"], server["shutdown_timeout"]
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise ValueError(f"port must be an integer in [0, 65535], got {port!r}")
     if queue is not None and (isinstance(queue, bool) or not isinstance(queue, int) or queue < 0):
         raise ValueError(f"max_queue_len must be an integer >= 0, got {queue!r}")
+    if isinstance(grace, bool) or not isinstance(grace, int | float) or not grace >= 0:
+        raise ValueError(f"shutdown_timeout must be a number of seconds >= 0, got {grace!r}")
     if server["log_level"] not in LOG_LEVELS:
         raise ValueError(f"log_level is {server['log_level']!r}; allowed: {', '.join(LOG_LEVELS)}")
     return EngineConfig.from_dict(engine), server
@@ -139,23 +151,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"osserve serve: error: {e}", file=sys.stderr)
         return 2
     setup_logging(server["log_level"])
-    import uvicorn
-
     from osserve.server.app import create_app
+    from osserve.server.lifecycle import serve_app
 
-    app = create_app(config, api_key=server["api_key"], max_queue_len=server["max_queue_len"])
+    app = create_app(
+        config,
+        api_key=server["api_key"],
+        max_queue_len=server["max_queue_len"],
+        shutdown_timeout=float(server["shutdown_timeout"]),
+    )
     host, port = server["host"], server["port"]
-    app.state.server.url = f"http://{host}:{port}"
     logger.info(
         "osserve listening on http://%s:%d%s", host, port, " (API key required)" if server["api_key"] else ""
     )
-    uvicorn.run(
-        app,
-        host=host,
-        port=port,
-        log_level=server["log_level"],
-        access_log=server["log_level"] == "debug",
-        log_config=None,
-        timeout_graceful_shutdown=5,
-    )
-    return 0
+    return serve_app(app, host, port, server["log_level"], exit_on_engine_death=True)

@@ -1,29 +1,30 @@
-"""What every endpoint shares: the server state, admission (model name, readiness, queue limit), one
-request's engine stream with its metrics, Server-Sent Events that abort on disconnect, and the mapping of
-request options onto SamplingParams."""
+"""What every endpoint shares: the server state, admission (model name, readiness, capacity, draining), one
+request's engine stream with its metrics, Server-Sent Events that abort on disconnect and end with an error
+event when anything fails (or the server shuts down), and the mapping of request options onto SamplingParams.
+
+Admission counts what the engine holds, exactly: the sequences (a request with n choices is n) of every
+request accepted and not yet finished, against `max_batch_size + max_queue_len`."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
-import anyio
 from pydantic import BaseModel
 from starlette.requests import Request
-from starlette.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
 
 from osserve.config import EngineConfig
 from osserve.engine.async_engine import EngineClient, EngineDeadError, EngineNotReadyError
 from osserve.engine.outputs import RequestOutput
 from osserve.sampling_params import OutputKind, SamplingParams
-from osserve.server.errors import APIError, from_value_error
+from osserve.server.errors import APIError, bad_request, draining_error, from_value_error, shutdown_error
 from osserve.server.metrics import ServerMetrics
+from osserve.server.prompts import PromptWorkers
 from osserve.server.protocol import _Sampling
+from osserve.server.sse import EventStream, Stopped, chat_error_events, until_disconnect
 from osserve.structured import StructuredOutput
 
 logger = logging.getLogger("osserve.server")
@@ -52,9 +53,28 @@ class ServerState:
         self.max_queue_len = max_queue_len
         self.request_hook = request_hook
         self.created = int(time.time())
-        self.num_in_flight = 0
+        self.num_in_flight = 0  # requests (engine streams) accepted and not closed
+        self.num_sequences = 0  # their sequences the engine has not finished: what admission counts
         self.url: str | None = None
         self.metrics = ServerMetrics(lambda: self.engine.stats, lambda: self.num_in_flight)
+        self.prompts = PromptWorkers()
+        # Shutdown: `draining` refuses new requests; `stopping` (set once the grace period is over) ends
+        # those still running with an error.
+        self.draining = False
+        self.shutdown_timeout = 30.0
+        self.stopping = asyncio.Event()
+        # Set (from any thread) when the process must drain and exit with status 1 (osserve/server/lifecycle.py).
+        self.fatal: str | None = None
+
+    def fail(self, reason: str) -> None:
+        """Ask the process running this app to drain and exit with status 1 (e.g. a deployment that gave up
+        restarting a worker)."""
+        self.fatal = reason
+
+    @property
+    def max_seq_len(self) -> int | None:
+        # An engine over other processes (the disaggregated frontend) knows its workers' limit once one is up.
+        return self.engine.max_seq_len or self.config.max_seq_len
 
     @property
     def tokenizer(self) -> Any:
@@ -71,6 +91,8 @@ class ServerState:
             )
 
     def require_ready(self) -> None:
+        if self.draining:
+            raise draining_error()
         state = self.engine.state
         if state == "loading":
             raise APIError(
@@ -87,19 +109,28 @@ class ServerState:
             )
 
     def queue_depth(self) -> int:
-        """Requests accepted but not running: beyond the batch cap, or waiting in the engine (e.g. for KV)."""
-        beyond_cap = self.num_in_flight - self.config.max_batch_size
-        # NOTE: engine stats lag a step behind (an aborted request may still count as waiting), so they
-        # are capped by what this server has in flight.
-        waiting = min(self.engine.num_pending + self.engine.stats.get("num_waiting", 0), self.num_in_flight)
-        return max(beyond_cap, waiting)
+        """Sequences accepted beyond the batch cap (queued in the engine until a running one finishes)."""
+        return max(0, self.num_sequences - self.config.max_batch_size)
 
-    def admit(self) -> None:
+    def admit(self, num_sequences: int) -> None:
+        """Refuse a request of `num_sequences` (its n) the engine has no room for: 503 queue_full when the
+        running and queued sequences would pass max_batch_size + max_queue_len."""
         self.require_ready()
-        if self.max_queue_len is not None and self.queue_depth() >= self.max_queue_len:
+        if self.max_queue_len is None:
+            return
+        capacity = self.config.max_batch_size + self.max_queue_len
+        if num_sequences > capacity:
+            raise bad_request(
+                f"n is {num_sequences}; this server holds at most {capacity} sequences at once "
+                f"(max_batch_size {self.config.max_batch_size} + max_queue_len {self.max_queue_len})",
+                "n",
+            )
+        if self.num_sequences + num_sequences > capacity:
             raise APIError(
                 503,
-                f"server busy: {self.max_queue_len} request(s) already queued; retry later",
+                f"server busy: {self.num_sequences} sequence(s) running or queued, room for {capacity} "
+                f"(max_batch_size {self.config.max_batch_size} + max_queue_len {self.max_queue_len}); "
+                "retry later",
                 "server_error",
                 None,
                 "queue_full",
@@ -122,7 +153,7 @@ class ServerState:
         prompt_param: str = "messages",
     ) -> EngineStream:
         """Queue a request in the engine; raises APIError (400 / 503) if it is refused."""
-        self.admit()
+        self.admit(params.n)
         try:
             it = self.engine.add_request(request_id, prompt_ids, params, prompt)
         except (EngineNotReadyError, EngineDeadError):
@@ -131,6 +162,7 @@ class ServerState:
         except ValueError as e:
             raise from_value_error(e, _prompt_names(prompt_param), prompt_param) from None
         self.num_in_flight += 1
+        self.num_sequences += params.n
         logger.debug(
             "request %s (%s): %d prompt tokens, max_tokens %s, n %d",
             request_id,
@@ -139,7 +171,47 @@ class ServerState:
             params.max_tokens,
             params.n,
         )
-        return EngineStream(self, request_id, it, len(prompt_ids), prompt_param)
+        return EngineStream(self, request_id, it, len(prompt_ids), prompt_param, params.n)
+
+    async def drain(self) -> None:
+        """Stop taking requests, give those in flight `shutdown_timeout` seconds, then end the rest (streams
+        with an error event, others with a 503). Returns once none is left (or 2 s after ending them)."""
+        self.draining = True
+        logger.info(
+            "draining: no new requests; %d in flight get %g s to finish",
+            self.num_in_flight,
+            self.shutdown_timeout,
+        )
+        deadline = time.monotonic() + self.shutdown_timeout
+        while self.num_in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.num_in_flight:
+            logger.warning(
+                "ending %d request(s) still running after %g s", self.num_in_flight, self.shutdown_timeout
+            )
+            self.stopping.set()
+            deadline = time.monotonic() + 2.0
+            while self.num_in_flight and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+
+    def event_stream(
+        self,
+        body: AsyncIterator[str],
+        on_close: Callable[[], Awaitable[None]],
+        on_error: Callable[[APIError], list[str]] = chat_error_events,
+    ) -> EventStream:
+        """A streaming response that ends with `on_error`'s events on an error or at shutdown."""
+        return EventStream(
+            body, on_close, on_error, self.stopping, lambda: shutdown_error(self.shutdown_timeout)
+        )
+
+    async def finish_or_stop(self, request: Request, work: Awaitable[T]) -> T:
+        """Run `work` (a non-streaming request); ClientDisconnected if the client goes away first, a 503 if
+        the server's shutdown grace period ends first."""
+        try:
+            return await until_disconnect(request, work, self.stopping)
+        except Stopped:
+            raise shutdown_error(self.shutdown_timeout) from None
 
 
 def _prompt_names(prompt_param: str) -> dict[str, str]:
@@ -157,8 +229,10 @@ class EngineStream:
         it: AsyncIterator[RequestOutput],
         num_prompt_tokens: int,
         prompt_param: str = "messages",
+        num_sequences: int = 1,
     ):
         self.state = state
+        self._num_sequences = num_sequences  # given back to admission once the engine is done with them
         self.prompt_param = prompt_param
         self.request_id = request_id
         self._it = it
@@ -198,9 +272,16 @@ class EngineStream:
             if o.finish_reason is not None:
                 self.finish_reasons[o.index] = o.finish_reason
         if out.error:
+            self._release()
             raise APIError(500, f"generation failed: {out.error}", "server_error")
         self.finished = out.finished
+        if self.finished:
+            self._release()
         return out
+
+    def _release(self) -> None:
+        self.state.num_sequences -= self._num_sequences
+        self._num_sequences = 0
 
     async def aclose(self) -> None:
         if self._closed:
@@ -208,6 +289,7 @@ class EngineStream:
         self._closed = True
         if not self.finished:
             self.state.engine.abort(self.request_id)
+        self._release()
         await self._it.aclose()  # type: ignore[attr-defined]
         self.state.num_in_flight -= 1
         e2e = time.monotonic() - self.arrival
@@ -222,72 +304,6 @@ class EngineStream:
             self.num_output_tokens,
             e2e,
         )
-
-
-class ClientDisconnected(Exception):
-    pass
-
-
-async def _wait_disconnect(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Run `work`; if the client goes away first, cancel it and raise ClientDisconnected."""
-    task = asyncio.ensure_future(work)
-    watch = asyncio.ensure_future(_wait_disconnect(request))
-    try:
-        done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
-            return task.result()
-        raise ClientDisconnected
-    finally:
-        for t in (task, watch):
-            t.cancel()
-        await asyncio.gather(task, watch, return_exceptions=True)
-
-
-def sse(data: dict[str, Any] | str, event: str | None = None) -> str:
-    body = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    return (f"event: {event}\n" if event else "") + f"data: {body}\n\n"
-
-
-class EventStream(StreamingResponse):
-    """Server-Sent Events over `body`. Whatever ends the response (last event, client disconnect, an error),
-    `on_close` runs, so an abandoned request is aborted and its KV blocks are freed at once."""
-
-    def __init__(self, body: AsyncIterator[str], on_close: Callable[[], Awaitable[None]]):
-        # X-Accel-Buffering: proxies such as nginx must pass events on as they come.
-        super().__init__(
-            body,
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
-        self._on_close = on_close
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            async with anyio.create_task_group() as tg:
-
-                async def stream() -> None:
-                    await self.stream_response(send)
-                    tg.cancel_scope.cancel()
-
-                async def watch() -> None:
-                    await self.listen_for_disconnect(receive)
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(stream)
-                tg.start_soon(watch)
-        except OSError:
-            pass  # the client went away mid-send
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self.body_iterator.aclose()  # type: ignore[attr-defined]
-                await self._on_close()
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -344,3 +360,9 @@ def sampling_params(
 
 def usage_requested(req: _Sampling) -> bool:
     return bool(req.stream_options and req.stream_options.include_usage)
+
+
+def continuous_usage(req: _Sampling) -> bool:
+    """vLLM's `stream_options.continuous_usage_stats` (with include_usage): every chunk carries the usage so
+    far, and engine outputs that add tokens but no text get a chunk of their own (`choices: []`)."""
+    return usage_requested(req) and bool(req.stream_options and req.stream_options.continuous_usage_stats)

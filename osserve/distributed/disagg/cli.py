@@ -96,6 +96,13 @@ def add_frontend_parser(subparsers: argparse._SubParsersAction) -> None:
         "--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $OSSERVE_API_KEY)"
     )
     p.add_argument("--max-queue-len", type=int, default=None, metavar="N")
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="on SIGTERM, seconds requests in flight get to finish before they end with an error (default: 30)",
+    )
     p.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     p.set_defaults(func=run_frontend)
 
@@ -139,6 +146,7 @@ def run_frontend(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name,
         api_key=args.api_key or os.environ.get("OSSERVE_API_KEY"),
         max_queue_len=args.max_queue_len,
+        shutdown_timeout=args.shutdown_timeout,
     )
     return serve_app(app, args.host, args.port, args.log_level)
 
@@ -214,6 +222,14 @@ def add_worker_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="JSON",
         help="engine options as one JSON object (the deployment launcher passes them so); flags override",
     )
+    w.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="on SIGTERM, seconds requests in flight get to finish; the rest go back to the frontend, which "
+        "moves them to another worker (default: 30)",
+    )
     w.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     # Test hook (fault injection): seconds between reserving blocks and pulling KV, so that tests can
     # cancel requests mid-transfer; $OSSERVE_DEBUG_TRANSFER_DELAY reaches workers started by the launcher.
@@ -260,6 +276,7 @@ def run_worker(args: argparse.Namespace) -> int:
             kv_hold_timeout=args.kv_hold_timeout,
             kv_transfer_timeout=args.kv_transfer_timeout,
             debug_transfer_delay=args.debug_transfer_delay,
+            shutdown_timeout=args.shutdown_timeout,
         )
     except (ValueError, json.JSONDecodeError) as e:
         print(f"osserve worker: error: {e}", file=sys.stderr)

@@ -322,6 +322,14 @@ class Cluster:
         for wid, rec in seen.items():
             self.rejected.pop(wid, None)
             client = self.workers.get(wid)
+            if client is not None and (client.address, client.record.get("pid")) != (
+                rec["control_address"],
+                rec.get("pid"),
+            ):
+                # The same id registered by a new process (a restarted worker): talk to the new one.
+                client.lose("restarted")
+                self._closing.add(asyncio.ensure_future(_close_later(self.workers.pop(wid), 1.0)))
+                client = None
             if client is None:
                 self.workers[wid] = WorkerClient(rec, self.ctx, self.liveness_timeout)
                 logger.info(

@@ -22,6 +22,7 @@ def create_frontend_app(
     api_key: str | None = None,
     max_queue_len: int | None = None,
     tokenizer: Any = None,
+    shutdown_timeout: float = 30.0,
 ) -> FastAPI:
     """The server app with a RemoteEngine; discovery starts with the app."""
     from osserve.server.app import create_app, served_name
@@ -30,23 +31,22 @@ def create_frontend_app(
     config = EngineConfig.from_dict({"model": model, "served_model_name": served_model_name})
     tok = tokenizer or load_tokenizer()
     engine = RemoteEngine(settings, served_name(config), tok)
-    app = create_app(config, api_key=api_key, max_queue_len=max_queue_len, tokenizer=tok, engine=engine)
+    app = create_app(
+        config,
+        api_key=api_key,
+        max_queue_len=max_queue_len,
+        tokenizer=tok,
+        engine=engine,
+        shutdown_timeout=shutdown_timeout,
+    )
     app.state.remote_engine = engine
     return app
 
 
 def serve_app(app: FastAPI, host: str, port: int, log_level: str) -> int:
-    import uvicorn
+    """Run the frontend until SIGTERM / SIGINT, draining first (osserve/server/lifecycle.py). Workers come and
+    go, so a deployment with none ready answers 503 rather than exiting."""
+    from osserve.server.lifecycle import serve_app as run
 
-    app.state.server.url = f"http://{host}:{port}"
     logger.info("osserve frontend listening on http://%s:%d", host, port)
-    uvicorn.run(
-        app,
-        host=host,
-        port=port,
-        log_level=log_level,
-        access_log=log_level == "debug",
-        log_config=None,
-        timeout_graceful_shutdown=5,
-    )
-    return 0
+    return run(app, host, port, log_level, exit_on_engine_death=False)

@@ -1,9 +1,13 @@
 """`osserve serve --config deploy.yaml` for a deployment of several processes (DESIGN.md, "Deployment file").
 
 This process is the frontend; each worker entry starts `replicas` worker processes (`osserve worker`), with
-CUDA_VISIBLE_DEVICES set from `devices`. On SIGTERM / SIGINT the frontend stops taking requests, then every
-worker gets SIGTERM (and SIGKILL after `STOP_TIMEOUT_S`); workers also get SIGTERM from the kernel if this
-process dies without cleaning up (PR_SET_PDEATHSIG), so none is left orphaned.
+CUDA_VISIBLE_DEVICES set from `devices`. A worker that exits on its own is started again after a backoff
+(1 s, doubling up to 30 s); one that exits more than `max_restarts` times in a row (default 5; a worker
+that ran a minute counts afresh) makes the whole deployment drain and exit with status 1. `max_restarts: 0`
+turns restarts off: a worker that exits stays down and the frontend routes around it. On SIGTERM / SIGINT the
+frontend drains (osserve/server/lifecycle.py), then every worker gets SIGTERM (and SIGKILL after
+`STOP_TIMEOUT_S`); workers also get SIGTERM from the kernel if this process dies without cleaning up
+(PR_SET_PDEATHSIG), so none is left orphaned.
 
 ```yaml
 model: openai/gpt-oss-120b
@@ -47,6 +51,8 @@ from osserve.server.deploy import ENGINE_KEYS, merge_options
 logger = logging.getLogger("osserve.disagg.launcher")
 
 STOP_TIMEOUT_S = 20.0
+RESTART_BACKOFF_S = (1.0, 30.0)  # first delay, largest
+STABLE_S = 60.0  # a worker that ran this long before it exited starts a fresh count of restarts
 FRONTEND_KEYS = (
     "host",
     "port",
@@ -57,6 +63,7 @@ FRONTEND_KEYS = (
     "liveness_timeout",
     "retry_timeout",
     "max_retries",
+    "shutdown_timeout",
     "log_level",
 )
 DISCOVERY_KEYS = ("etcd", "namespace", "lease_ttl")
@@ -69,6 +76,7 @@ WORKER_KEYS = (
     "kv_hold_timeout",
     "kv_transfer_timeout",
     "host",
+    "max_restarts",
 )
 
 
@@ -82,6 +90,7 @@ class WorkerSpec:
     kv_hold_timeout: float = 60.0
     kv_transfer_timeout: float = 30.0
     host: str = "127.0.0.1"
+    max_restarts: int = 5
 
 
 @dataclass
@@ -181,6 +190,9 @@ def parse_deployment(data: dict[str, Any]) -> DeploymentSpec:
         replicas = w.get("replicas", 1)
         if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
             raise ValueError(f"workers[{i}].replicas must be an integer >= 1, got {replicas!r}")
+        restarts = w.get("max_restarts", 5)
+        if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 0:
+            raise ValueError(f"workers[{i}].max_restarts must be an integer >= 0, got {restarts!r}")
         workers.append(
             WorkerSpec(
                 role,
@@ -191,6 +203,7 @@ def parse_deployment(data: dict[str, Any]) -> DeploymentSpec:
                 float(w.get("kv_hold_timeout", 60.0)),
                 float(w.get("kv_transfer_timeout", 30.0)),
                 w.get("host", "127.0.0.1"),
+                restarts,
             )
         )
     roles = {w.role for w in workers}
@@ -215,21 +228,36 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+@dataclass
+class _Worker:
+    """One worker process of the deployment, and its restarts."""
+
+    worker_id: str
+    cmd: list[str]
+    env: dict[str, str]
+    max_restarts: int
+    proc: subprocess.Popen | None = None
+    started: float = 0.0
+    failures: int = 0  # exits in a row
+    restart_at: float | None = None
+
+
 class Deployment:
-    """The worker processes of one deployment."""
+    """The worker processes of one deployment: started, restarted when they exit, stopped."""
 
     def __init__(self, spec: DeploymentSpec, settings: FrontendSettings, log_level: str, lease_ttl: float):
         self.spec = spec
         self.settings = settings
         self.log_level = log_level
         self.lease_ttl = lease_ttl
-        self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.workers: list[_Worker] = []
         # The workers (on this host) reach the frontend's registry here, whatever address it binds.
         host, _, port = settings.registry_address.removeprefix("tcp://").rpartition(":")
         local = "127.0.0.1" if host in ("0.0.0.0", "::", "*", "") else host
         self.registry_address = f"tcp://{local}:{port}"
         self.stopping = False
-        self.reported: set[str] = set()
+        self.failed: str | None = None  # why the deployment gave up
+        self._lock = threading.Lock()
 
     def commands(self) -> list[tuple[str, list[str], dict[str, str]]]:
         s = self.settings
@@ -277,32 +305,71 @@ class Deployment:
         return out
 
     def start(self) -> None:
-        for wid, cmd, env in self.commands():
-            proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)  # noqa: PLW1509
-            logger.info("started worker %s (pid %d)", wid, proc.pid)
-            self.procs.append((wid, proc))
+        restarts = [w.max_restarts for w in self.spec.workers for _ in range(w.replicas)]
+        for (wid, cmd, env), limit in zip(self.commands(), restarts, strict=True):
+            worker = _Worker(wid, cmd, env, limit)
+            self._spawn(worker)
+            self.workers.append(worker)
+
+    def _spawn(self, w: _Worker) -> None:
+        w.proc = subprocess.Popen(w.cmd, env=w.env, preexec_fn=_die_with_parent)  # noqa: PLW1509
+        w.started, w.restart_at = time.monotonic(), None
+        logger.info("started worker %s (pid %d)", w.worker_id, w.proc.pid)
 
     def check(self) -> None:
-        """Log workers that exited on their own (the frontend routes around them)."""
-        for wid, proc in self.procs:
-            code = proc.poll()
-            if code is not None and not self.stopping and wid not in self.reported:
-                self.reported.add(wid)
-                logger.error("worker %s (pid %d) exited with %s", wid, proc.pid, code)
+        """Restart workers that exited on their own, after their backoff; give up on one that keeps
+        exiting (`failed` says why)."""
+        with self._lock:
+            for w in self.workers:
+                if self.stopping or self.failed or w.proc is None:
+                    return
+                now = time.monotonic()
+                if w.restart_at is not None:
+                    if now >= w.restart_at:
+                        self._spawn(w)
+                    continue
+                code = w.proc.poll()
+                if code is None or w.failures < 0:
+                    continue
+                if w.max_restarts == 0:
+                    logger.error("worker %s (pid %d) exited with status %s", w.worker_id, w.proc.pid, code)
+                    w.failures = -1  # reported; stays down
+                    continue
+                w.failures = 1 if now - w.started >= STABLE_S else w.failures + 1
+                if w.failures > w.max_restarts:
+                    self.failed = (
+                        f"worker {w.worker_id} exited {w.failures} time(s) in a row (last: exit status {code}); "
+                        f"max_restarts is {w.max_restarts}"
+                    )
+                    logger.error("giving up: %s", self.failed)
+                    return
+                first, most = RESTART_BACKOFF_S
+                delay = min(most, first * 2 ** (w.failures - 1))
+                w.restart_at = now + delay
+                logger.error(
+                    "worker %s (pid %d) exited with status %s; restarting it in %.0f s (restart %d of at most %d)",
+                    w.worker_id,
+                    w.proc.pid,
+                    code,
+                    delay,
+                    w.failures,
+                    w.max_restarts,
+                )
 
     def stop(self) -> None:
-        self.stopping = True
-        alive = [(wid, p) for wid, p in self.procs if p.poll() is None]
-        for _, p in alive:
-            p.send_signal(signal.SIGTERM)
+        with self._lock:
+            self.stopping = True
+        alive = [w for w in self.workers if w.proc is not None and w.proc.poll() is None]
+        for w in alive:
+            w.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
         deadline = time.monotonic() + STOP_TIMEOUT_S
-        for wid, p in alive:
+        for w in alive:
             try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+                w.proc.wait(timeout=max(0.1, deadline - time.monotonic()))  # type: ignore[union-attr]
             except subprocess.TimeoutExpired:
-                logger.warning("worker %s did not stop in %.0fs; killing it", wid, STOP_TIMEOUT_S)
-                p.kill()
-                p.wait()
+                logger.warning("worker %s did not stop in %.0fs; killing it", w.worker_id, STOP_TIMEOUT_S)
+                w.proc.kill()  # type: ignore[union-attr]
+                w.proc.wait()  # type: ignore[union-attr]
         if alive:
             logger.info("stopped %d worker(s)", len(alive))
 
@@ -316,7 +383,7 @@ def run_deployment(args: argparse.Namespace) -> int:
     try:
         spec = parse_deployment(_load(args.config))
         fe = dict(spec.frontend)
-        for key in ("host", "port", "api_key", "log_level", "max_queue_len"):
+        for key in ("host", "port", "api_key", "log_level", "max_queue_len", "shutdown_timeout"):
             if hasattr(args, key):
                 fe[key] = getattr(args, key)
         host, port = fe.get("host", "127.0.0.1"), int(fe.get("port", 8000))
@@ -354,14 +421,18 @@ def run_deployment(args: argparse.Namespace) -> int:
             served_model_name=spec.served_model_name,
             api_key=fe.get("api_key") or os.environ.get("OSSERVE_API_KEY"),
             max_queue_len=fe.get("max_queue_len"),
+            shutdown_timeout=float(fe.get("shutdown_timeout", 30.0)),
         )
         app.state.remote_engine.before_shutdown.append(deployment.stop)
         deployment.start()
         stopped = threading.Event()
 
         def watch_workers() -> None:
-            while not stopped.wait(1.0):
+            while not stopped.wait(0.5):
                 deployment.check()
+                if deployment.failed:  # the frontend drains and the process exits with status 1
+                    app.state.server.fail(deployment.failed)
+                    return
 
         threading.Thread(target=watch_workers, name="osserve-workers", daemon=True).start()
         try:

@@ -9,8 +9,9 @@ Failures. A worker lost mid-request (WorkerLost) or failing it in a retryable wa
 - before the first token: the prefill runs again elsewhere;
 - after it: a decode worker continues from the tokens the client already has ("replay": it recomputes the
   prompt and those tokens when the prefill worker's KV is no longer there), so greedy output is unchanged.
-A request ends with an error output only when no worker of the needed role turns up within
-`retry_timeout` seconds or after `max_retries` failures. Closing a stream (client gone) aborts the request
+A new request waits up to `retry_timeout` seconds for a worker of the role it needs; a request that failed
+over continues only on another worker that is ready at once, else it ends with an error output right away
+(as it does after `max_retries` failures): a client should not wait on a stream that cannot move. Closing a stream (client gone) aborts the request
 on every worker involved, which frees its blocks there, also mid-transfer.
 """
 
@@ -333,7 +334,9 @@ class RemoteEngine:
                         worker, msg = await self._first_stage(wire_id, prompt_ids, wire, failed)
                     else:
                         avoid = failed | ({source_worker.worker_id} if source_worker is not None else set())
-                        worker = await self._pick(("decode", "both"), prompt_ids, use_kv=False, avoid=avoid)
+                        worker = await self._pick(
+                            ("decode", "both"), prompt_ids, use_kv=False, avoid=avoid, wait=not failures
+                        )
                         fresh = len(progress.token_ids) == 1 and source is not None
                         handoff = Handoff(
                             list(progress.token_ids),
@@ -388,19 +391,21 @@ class RemoteEngine:
         self, wire_id: str, prompt_ids: list[int], wire: dict[str, Any], avoid: set[str]
     ) -> tuple[WorkerClient, Generate]:
         """Prefill on a prefill worker when a decode worker is there to continue; else a whole request on a
-        `both` worker."""
+        `both` worker. A request that already failed (`avoid`) waits for none."""
         assert self.cluster is not None
         cluster = self.cluster
+        wait = not avoid
 
         def disaggregated() -> bool:
             return bool(cluster.ready("prefill") and cluster.ready("decode", "both"))
 
         what = "prefill and decode" if self.needs() is DISAGG_NEEDS else "both"
-        await self._wait_for(lambda: disaggregated() or bool(cluster.ready("both")), what)
+        if wait:
+            await self._wait_for(lambda: disaggregated() or bool(cluster.ready("both")), what)
         if disaggregated():
-            worker = await self._pick(("prefill",), prompt_ids, use_kv=True, avoid=avoid)
+            worker = await self._pick(("prefill",), prompt_ids, use_kv=True, avoid=avoid, wait=wait)
             return worker, Generate(wire_id, "prefill", prompt_ids, wire)
-        worker = await self._pick(("both",), prompt_ids, use_kv=True, avoid=avoid)
+        worker = await self._pick(("both",), prompt_ids, use_kv=True, avoid=avoid, wait=wait)
         return worker, Generate(wire_id, "generate", prompt_ids, wire)
 
     async def _wait_for(self, ok: Any, what: str) -> None:
@@ -420,15 +425,19 @@ class RemoteEngine:
         prompt_ids: list[int],
         use_kv: bool,
         avoid: frozenset[str] | set[str] = frozenset(),
+        wait: bool = True,
     ) -> WorkerClient:
-        """A ready worker of `roles` (waiting up to retry_timeout for one); those in `avoid` only if no
-        other is ready."""
+        """A ready worker of `roles`, waiting up to retry_timeout for one; those in `avoid` only if no other
+        is ready. Without `wait` (failing over): one ready now outside `avoid`, else NoWorkerError."""
         assert self.cluster is not None
         cluster = self.cluster
-        await self._wait_for(lambda: bool(cluster.ready(*roles)), " or ".join(roles))
+        if wait:
+            await self._wait_for(lambda: bool(cluster.ready(*roles)), " or ".join(roles))
         candidates = cluster.ready(*roles)
-        candidates = [w for w in candidates if w.worker_id not in avoid] or candidates
-        return self.router.pick(candidates, prompt_ids, use_kv=use_kv)  # type: ignore[return-value]
+        others = [w for w in candidates if w.worker_id not in avoid]
+        if not wait and not others:
+            raise NoWorkerError(f"no other ready {' or '.join(roles)} worker to continue on")
+        return self.router.pick(others or candidates, prompt_ids, use_kv=use_kv)  # type: ignore[return-value]
 
 
 def _error(rid: str, message: str) -> RequestOutput:

@@ -12,7 +12,10 @@ Roles (what the frontend sends it; the worker itself serves any mode):
 Sockets (ZeroMQ): control ROUTER (frontends' DEALERs: Generate / Abort / StatsQuery in, Output / Failed /
 Stats out) and KV ROUTER (decode workers pull here). The worker registers under a lease in etcd or in the
 frontend's registry, as "loading" first and "ready" once the model is up (with its NIXL agent's metadata
-when its KV pool is registered); SIGTERM revokes the lease first.
+when its KV pool is registered). SIGTERM drains: the record says "draining" (frontends route nothing new here;
+a request that arrives anyway is refused, retryably), requests in flight get `shutdown_timeout` seconds, those
+still running are then answered Failed (retryable: the frontend moves them to another worker or ends them with
+an error at once); then the lease is revoked.
 """
 
 from __future__ import annotations
@@ -97,6 +100,8 @@ class WorkerOptions:
     kv_transfer_timeout: float = PULL_TIMEOUT_S
     # Test hook: seconds to wait between reserving blocks and pulling the KV (widens the transfer phase).
     debug_transfer_delay: float = 0.0
+    # On SIGTERM, seconds requests in flight get to finish.
+    shutdown_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -155,6 +160,7 @@ class Worker:
         self.started = time.time()
         self.exit_code = 0
         self.tasks: dict[str, asyncio.Task] = {}
+        self.clients: dict[str, bytes] = {}  # the frontend (control identity) of each request in `tasks`
         # What each request's task is doing: prefill (prompt being computed, here or by replay), transfer
         # (KV being reserved / pulled), decode; for the abort counts by phase.
         self.stages: dict[str, str] = {}
@@ -239,6 +245,8 @@ class Worker:
                 self.state = "dead"
                 return 1
             await stop.wait()
+            if self.state == "ready":
+                await self._drain()
         finally:
             logger.info("worker %s stopping", self.worker_id)
             self.state = "stopping"
@@ -317,6 +325,18 @@ class Worker:
         except RegistryError as e:
             raise KVTransferError(f"registry: {e}") from None
 
+    async def _drain(self) -> None:
+        """Take no new requests, give those in flight `shutdown_timeout` seconds, then hand the rest back."""
+        assert self.registration is not None
+        self.state = "draining"
+        await self.registration.update(self.record())
+        logger.info("draining: %d request(s) get %g s to finish", len(self.tasks), self.opts.shutdown_timeout)
+        deadline = time.monotonic() + self.opts.shutdown_timeout
+        while self.tasks and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for rid, ident in list(self.clients.items()):
+            await self._send(ident, Failed(rid, f"worker {self.worker_id} shut down", retryable=True))
+
     def _spawn(self, coro: Any) -> asyncio.Task:
         task = asyncio.ensure_future(coro)
         self._bg.add(task)
@@ -385,11 +405,16 @@ class Worker:
                 self.counters["requests"] += 1
                 task = asyncio.ensure_future(self._serve_request(ident, msg))
                 self.tasks[msg.request_id] = task
-                task.add_done_callback(lambda _t, rid=msg.request_id: self.tasks.pop(rid, None))
+                self.clients[msg.request_id] = ident
+                task.add_done_callback(lambda _t, rid=msg.request_id: self._forget(rid))
             elif isinstance(msg, Abort):
                 self._spawn(self._abort(msg.request_id))
             elif isinstance(msg, StatsQuery):
                 await self._send(ident, self._stats(msg))
+
+    def _forget(self, request_id: str) -> None:
+        self.tasks.pop(request_id, None)
+        self.clients.pop(request_id, None)
 
     async def _send(self, ident: bytes, msg: Any) -> None:
         assert self.control is not None
