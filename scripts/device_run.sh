@@ -24,10 +24,9 @@
 # ROOT (the checkout to serve from: `.` or a second checkout carried beside it, e.g. `.old` for a before/after
 # in one lease), WORKLOADS (space-separated CONC:PROMPTS:IN:OUT, e.g. "1:4:1024:256 512:512:1000:1000"),
 # PYSPY (seconds of py-spy on the engine process during the last workload, from PYSPY_DELAY seconds into it,
-# default 25; 0: none). NAME_MODEL, NAME_SERVE_ARGS,
-# NAME_ROOT, NAME_WORKLOADS, NAME_PYSPY (NAME with anything but letters, digits and _ as _) override them
-# for one suite.
-# Example: WORKLOADS="512:512:1000:1000" old_ROOT=.old bash scripts/device_run.sh ceilings serve:new serve:old
+# default 25; 0: none). MODEL_NAME, SERVE_ARGS_NAME, ROOT_NAME, WORKLOADS_NAME, PYSPY_NAME, PYSPY_DELAY_NAME
+# (NAME with anything but letters, digits and _ as _) override them for one suite.
+# Example: WORKLOADS="512:512:1000:1000" ROOT_old=.old bash scripts/device_run.sh ceilings serve:new serve:old
 set -uo pipefail
 source scripts/device_setup.sh
 R=${R:-/tmp/results}
@@ -108,8 +107,8 @@ suite_structured() {
   kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null
 }
 
-opt() {  # opt NAME VAR DEFAULT: $NAME_VAR, else $VAR, else DEFAULT
-  local key="${1//[^A-Za-z0-9_]/_}_$2"
+opt() {  # opt NAME VAR DEFAULT: $VAR_NAME, else $VAR, else DEFAULT
+  local key="$2_${1//[^A-Za-z0-9_]/_}"
   if [ -n "${!key:-}" ]; then echo "${!key}"; elif [ -n "${!2:-}" ]; then echo "${!2}"; else echo "$3"; fi
 }
 

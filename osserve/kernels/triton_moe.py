@@ -49,13 +49,14 @@ GEMV_DEFAULT = {
     "num_stages": 1,
 }
 # gemm buckets by the average pairs per local expert: BLOCK_M covers an expert's pairs in one block (the
-# weights then stream once) up to m64. The word decode is the default where decoding bounds the kernel
-# (few pairs per weight value); m128 (>= 96 pairs per expert) keeps the byte-decode configuration the
-# first kernel ran there ("large", runs 1-6), and m64 the block shape of its "mid" (24-96).
+# weights then stream once) up to m64. m16 / m32 run the byte decode (the first kernel's "small" block
+# shape): the word decode does not compile at BLOCK_M 16 / 32 with Triton 3.6 on the H200 (its swapped
+# dot's accumulator shape, run 16), so it is the default at m64 only; m128 (>= 96 pairs per expert) keeps
+# the byte-decode configuration the first kernel ran there ("large", runs 1-6).
 GEMM_BUCKETS = (("m16", 6), ("m32", 20), ("m64", 96), ("m128", None))
 GEMM_DEFAULTS = {
-    "m16": {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "SWAP": True, "WORD": True, "PERM": True},
-    "m32": {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 256, "SWAP": True, "WORD": True, "PERM": True},
+    "m16": {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "SWAP": False, "WORD": False},
+    "m32": {"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 128, "SWAP": False, "WORD": False},
     "m64": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 256, "SWAP": True, "WORD": True, "PERM": True},
     "m128": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "SWAP": False, "WORD": False, "num_warps": 8},
 }

@@ -120,7 +120,7 @@ def test_moe_expert_parallel_slice(device, mode, bias):
     gemm = list(_gemm_cfgs().values())
     cfg = {
         "gemv": _gemv_cfgs()["gemv"],
-        "gemm-word": gemm[0],
+        "gemm-word": next(c for c in gemm if c["WORD"]),
         "gemm-byte": next(c for c in gemm if not c["WORD"]),
         "grouped": _grouped_cfgs()["grouped"],
     }[mode]
@@ -151,9 +151,10 @@ def test_choose_config_regimes():
     assert triton_moe.choose_config(1 << 20, 32, 2880, 2880, "grouped", grouped_ok=False)[0] == "gemm"
     if not INTERPRET:  # BLOCK_M follows the pairs per expert
         block_m = [
-            triton_moe.choose_config(p, 128, 2880, 2880, "triton")[1]["BLOCK_M"] for p in (64, 1024, 8192)
+            triton_moe.choose_config(p, 128, 2880, 2880, "triton")[1]["BLOCK_M"]
+            for p in (64, 1024, 8192, 16384)
         ]
-        assert block_m == [16, 32, 128]
+        assert block_m == [16, 32, 64, 128]
     with pytest.raises(ValueError, match="mode"):
         triton_moe.moe_mxfp4_launch(
             *moe_inputs(1, 64, 64, 8, 4, torch.bfloat16, "cpu").args(), mode="bogus", cfg={}
