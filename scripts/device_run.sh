@@ -7,7 +7,7 @@
 #   ceilings           device-to-device copy GB/s and bf16 matmul TFLOP/s of this GPU
 #   engine-test        tests/gpu/test_engine_gpu.py (the GPU path against the float32-anchored PyTorch path)
 #   kernel-tests       every Triton kernel against its PyTorch twin (tests/gpu but the engine and multi-GPU
-#                      files, a process per file so that Triton compiles on all cores)
+#                      files, or KERNEL_TEST_FILES; a process per file so that Triton compiles on all cores)
 #   kernel-profile     per-kernel-family share of decode steps (batch 1 / 64 / 512) and a 16k prefill step
 #                      (MODELS, default 20b,120b), achieved GB/s and TFLOP/s against the measured ceilings; with
 #                      BASE set to a second checkout (e.g. .old), the same for its kernels and old against new
@@ -59,7 +59,7 @@ suite_engine-test() {
 
 suite_kernel-tests() {
   local f pids=()
-  for f in tests/gpu/test_*.py; do
+  for f in ${KERNEL_TEST_FILES:-tests/gpu/test_*.py}; do
     case "$f" in *test_engine_gpu.py|*test_parallel_gpu.py) continue ;; esac
     timeout "${KERNEL_TEST_TIMEOUT:-240}" python3 -m pytest "$f" -q -p no:cacheprovider -rfE \
       > "$R/$(basename "$f" .py).log" 2>&1 &
