@@ -44,7 +44,8 @@ def _gemm_cfgs() -> dict[str, dict]:
         "m64": m64,
         "m128": m128,
         "m16-asm": dict(m16, DEQUANT_ASM=True),
-        "m64-noperm-noswap": dict(m64, PERM=False, SWAP=False),
+        "m64-word": dict(m64, WORD=True, PERM=True, BLOCK_N=64, BLOCK_K=256),
+        "m64-word-noperm-noswap": dict(m64, WORD=True, PERM=False, SWAP=False, BLOCK_N=64, BLOCK_K=256),
         # The first kernel's configurations ("small", "mid"), with tl.dot_scaled and the inline-PTX decode.
         "m16-byte": dict(m16, **byte_small),
         "m16-byte-scaled": dict(m16, **byte_small, DOT_SCALED=True),
