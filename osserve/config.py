@@ -120,20 +120,6 @@ class ModelConfig:
     def full_layers(self) -> list[int]:
         return [i for i, t in enumerate(self.layer_types) if t == FULL]
 
-    def num_params(self) -> dict[str, int]:
-        """Total and active (per token) parameter counts, experts counted as dequantized values."""
-        h, v = self.hidden_size, self.vocab_size
-        attn = h * (self.q_size + 2 * self.kv_size) + self.q_size * h + self.q_size + 2 * self.kv_size + h
-        attn += self.num_attention_heads
-        expert = 2 * self.intermediate_size * h + 2 * self.intermediate_size + h * self.intermediate_size + h
-        router = self.num_local_experts * (h + 1)
-        norms = 2 * h
-        per_layer_total = attn + router + norms + self.num_local_experts * expert
-        per_layer_active = attn + router + norms + self.num_experts_per_tok * expert
-        total = self.num_hidden_layers * per_layer_total + 2 * v * h + h
-        active = self.num_hidden_layers * per_layer_active + v * h + h
-        return {"total": total, "active": active}
-
     # Hugging Face config.json round trip.
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
@@ -264,11 +250,6 @@ def get_preset(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; allowed: {', '.join(PRESETS)}")
     return PRESETS[name]
-
-
-def bytes_per_token_kv(cfg: ModelConfig, dtype_bytes: int = 2) -> int:
-    """KV bytes of one token over all layers (K and V)."""
-    return 2 * cfg.num_hidden_layers * cfg.kv_size * dtype_bytes
 
 
 # ---------------------------------------------------------------------------------------------------------
