@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from osserve.engine.batch import ForwardBatch
+from osserve.model.batch import ForwardBatch
 from osserve.model.gpt_oss import GptOssModel
 
 

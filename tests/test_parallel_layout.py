@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from osserve.config import EngineConfig, get_preset
-from osserve.distributed.parallel import ParallelConfig, split_range
 from osserve.model import loader
 from osserve.model.checkpoint import expected_tensors
+from osserve.parallel import ParallelConfig, split_range
 
 
 def layout(**opts) -> ParallelConfig:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from osserve.config import get_preset
-from osserve.engine.batch import ForwardBatch
+from osserve.model.batch import ForwardBatch
 from osserve.model.gpt_oss import GptOssModel
 
 BLOCK_SIZE = 16

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from osserve.engine.batch import ForwardBatch
+from osserve.model.batch import ForwardBatch
 
 logger = logging.getLogger(__name__)
 

@@ -23,11 +23,11 @@ from typing import Any
 import torch
 
 from osserve.distributed import comm
-from osserve.distributed.parallel import dp_step
 from osserve.distributed.supervisor import Launch
-from osserve.engine.batch import ForwardBatch
 from osserve.engine.engine import EngineCore
 from osserve.engine.outputs import EngineCoreOutputs, concat_outputs
+from osserve.model.batch import ForwardBatch
+from osserve.parallel import dp_step
 from osserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)

@@ -33,7 +33,6 @@ import torch.distributed as dist
 
 from osserve.config import EngineConfig, ModelConfig, get_preset
 from osserve.distributed import comm
-from osserve.distributed.parallel import ParallelConfig
 from osserve.distributed.supervisor import (  # noqa: F401 - the launcher's public names
     Launch,
     RankFailedError,
@@ -42,6 +41,7 @@ from osserve.distributed.supervisor import (  # noqa: F401 - the launcher's publ
     register,
     shutdown,
 )
+from osserve.parallel import ParallelConfig
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from osserve.distributed import comm
-from osserve.distributed.parallel import ParallelConfig
+from osserve.parallel import ParallelConfig
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from osserve.config import EngineConfig
 from osserve.distributed import comm
-from osserve.distributed.parallel import ParallelConfig
+from osserve.parallel import ParallelConfig
 
 logger = logging.getLogger("osserve.worker")
 

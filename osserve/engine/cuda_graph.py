@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from osserve.engine.batch import ForwardBatch
+from osserve.model.batch import ForwardBatch
 from osserve.model.gpt_oss import GptOssModel
 
 logger = logging.getLogger(__name__)

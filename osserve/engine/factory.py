@@ -11,13 +11,13 @@ from typing import Any
 import torch
 
 from osserve.config import EngineConfig, get_preset
-from osserve.distributed.parallel import ParallelConfig
 from osserve.engine.engine import EngineCore
 from osserve.engine.kv_cache import KVCacheManager
 from osserve.engine.runner import ModelRunner
 from osserve.model.default import DEFAULT_NAME, default_checkpoint
 from osserve.model.loader import load_model, load_random_model, parse_random_spec, resolve_model_path
 from osserve.model.standin import StandInModel, parse_standin_spec
+from osserve.parallel import ParallelConfig
 from osserve.structured.tokenizer import prepare_in_background
 
 logger = logging.getLogger(__name__)

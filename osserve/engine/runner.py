@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 from osserve.config import SLIDING, EngineConfig
-from osserve.engine.batch import ForwardBatch
 from osserve.engine.cuda_graph import DecodeGraphs
 from osserve.engine.input_batch import InputBatch
 from osserve.engine.outputs import PromptLogprobs
@@ -26,6 +25,7 @@ from osserve.engine.scheduler import SchedulerOutput
 from osserve.engine.staging import to_device
 from osserve.kernels import select_ops
 from osserve.layers.sampler import Sampler, SamplingBatch, compute_logprobs
+from osserve.model.batch import ForwardBatch
 from osserve.model.gpt_oss import GptOssModel
 from osserve.structured import allocate_bitmask, fill_bitmasks
 

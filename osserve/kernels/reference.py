@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from osserve.engine.batch import AttentionMetadata
+from osserve.kernels.metadata import AttentionMetadata
 from osserve.kernels.moe_weights import MoEWeights, PairLayout
 
 # E2M1 code -> value; bit 3 is the sign.

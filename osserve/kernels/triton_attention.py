@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from osserve.engine.batch import AttentionMetadata
+from osserve.kernels.metadata import AttentionMetadata
 from osserve.kernels.triton_common import config_for, dot_f32, interpreting, next_pow2
 
 LOG2E = 1.4426950408889634

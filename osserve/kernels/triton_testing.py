@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from osserve.engine.batch import AttentionMetadata
 from osserve.kernels import reference
+from osserve.kernels.metadata import AttentionMetadata
 from osserve.kernels.moe_weights import MoEWeights
 
 

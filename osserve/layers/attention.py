@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from osserve.config import SLIDING, ModelConfig
-from osserve.distributed.parallel import ParallelConfig, all_reduce
-from osserve.engine.batch import AttentionMetadata
 from osserve.kernels import KernelOps
+from osserve.kernels.metadata import AttentionMetadata
+from osserve.parallel import ParallelConfig, all_reduce
 
 
 class Attention(nn.Module):

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from osserve.config import ModelConfig
-from osserve.distributed.parallel import ParallelConfig, combine_tokens, gather_tokens, split_range
 from osserve.kernels import KernelOps
 from osserve.kernels.moe_weights import MoEWeights
+from osserve.parallel import ParallelConfig, combine_tokens, gather_tokens, split_range
 
 
 def expert_range(cfg: ModelConfig, parallel: ParallelConfig) -> tuple[int, int]:

@@ -6,12 +6,12 @@ import torch
 from torch import nn
 
 from osserve.config import ModelConfig
-from osserve.distributed.parallel import ParallelConfig
-from osserve.engine.batch import ForwardBatch
 from osserve.kernels import REFERENCE_OPS, KernelOps
 from osserve.layers.attention import Attention
 from osserve.layers.moe import MoE
 from osserve.layers.rope import yarn_inv_freq
+from osserve.model.batch import ForwardBatch
+from osserve.parallel import ParallelConfig
 
 KVCaches = list[tuple[torch.Tensor, torch.Tensor]]
 

@@ -21,11 +21,11 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from osserve.config import ModelConfig
-from osserve.distributed.parallel import ParallelConfig
 from osserve.kernels.reference import mxfp4_dequantize
 from osserve.layers.moe import expert_range, intermediate_range
 from osserve.model.checkpoint import TensorSpec, expected_tensors, random_tensor
 from osserve.model.gpt_oss import GptOssModel
+from osserve.parallel import ParallelConfig
 
 logger = logging.getLogger(__name__)
 

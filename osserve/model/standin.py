@@ -13,9 +13,9 @@ from types import SimpleNamespace
 import torch
 
 from osserve.config import ModelConfig, get_preset
-from osserve.distributed.parallel import ParallelConfig
-from osserve.engine.batch import ForwardBatch
 from osserve.kernels import REFERENCE_OPS
+from osserve.model.batch import ForwardBatch
+from osserve.parallel import ParallelConfig
 
 STANDIN_PREFIX = "standin:"
 # Tokens the stand-in emits: ids 32..95 are printable single-byte tokens of o200k.

@@ -9,10 +9,10 @@ import torch
 pytest.importorskip("triton")
 
 from osserve.config import get_preset  # noqa: E402
-from osserve.engine.batch import ForwardBatch  # noqa: E402
 from osserve.kernels import REFERENCE_OPS  # noqa: E402
 from osserve.kernels.triton_ops import make_ops  # noqa: E402
 from osserve.kernels.triton_testing import assert_close  # noqa: E402
+from osserve.model.batch import ForwardBatch  # noqa: E402
 from osserve.model.gpt_oss import GptOssModel  # noqa: E402
 from tests.gpu.conftest import INTERPRET  # noqa: E402
 from tests.helpers import make_kv_caches  # noqa: E402
