@@ -21,6 +21,8 @@ import pytest
 
 from osserve.bench.serving import ServeConfig, run_sweep
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 SERVED = "tiny-bench"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

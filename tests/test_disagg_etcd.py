@@ -33,6 +33,7 @@ from osserve.distributed.disagg.kv_nixl import import_nixl
 
 ETCD = shutil.which("etcd")
 pytestmark = [
+    pytest.mark.slow,
     pytest.mark.skipif(ETCD is None, reason="etcd binary not found (Debian: apt-get install etcd-server)"),
     pytest.mark.timeout(300),
 ]

@@ -51,6 +51,7 @@ from osserve.distributed.disagg.kv_nixl import (
 
 NIXL = import_nixl()
 pytestmark = [
+    pytest.mark.slow,
     pytest.mark.skipif(NIXL is None, reason="needs NIXL (pip install nixl-cu13, or osserve[nixl])"),
     pytest.mark.timeout(300),
 ]

@@ -38,7 +38,7 @@ from live import free_port
 from osserve.distributed.disagg.kv_nixl import import_nixl
 
 LEASE_TTL = 3.0
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from osserve.config import EngineConfig
 from osserve.engine.engine_process import ProcessEngine
 from osserve.sampling_params import SamplingParams
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 PROMPTS = ["The capital of France is", "1, 2, 3,", "Tell me a story about a robot", "Harmony"]
 
 

@@ -27,6 +27,8 @@ from osserve.engine.llm_engine import LLMEngine
 from osserve.harmony.encoding import get_tokenizer
 from osserve.sampling_params import SamplingParams
 
+pytestmark = pytest.mark.slow
+
 # Small KV pools: allocation stays cheap, and the agreed size is checked on every rank.
 BASE = {"kv_cache_config": {"max_cpu_bytes": 8 << 20}}
 ROOT = Path(__file__).resolve().parents[1]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from osserve.bench.parity import Parity, compare, measure, verdict
 
 
@@ -24,6 +26,7 @@ def test_verdict_allows_bf16_sized_errors_and_names_larger_ones():
     assert [f.split()[0] for f in fails] == ["p50", "p90", "p99", "a", "5"], fails
 
 
+@pytest.mark.slow
 def test_chunked_bf16_engine_is_within_bf16_of_the_reference(tiny_ckpt):
     """A differently batched bf16 engine (prefill in chunks of 8 tokens) passes; so does the reference path
     itself; a float32 engine lands on the float32 scoring."""

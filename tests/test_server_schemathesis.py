@@ -18,6 +18,8 @@ from live import SERVED_NAME
 from schemathesis import GenerationMode
 from schemathesis.checks import positive_data_acceptance
 
+pytestmark = pytest.mark.slow
+
 # Cases per POST operation: positive ones (fitting the schema) mostly run the model, negative ones are
 # answered at once. 3 x (40 + 60) = 300, plus the GET operations.
 MAX_EXAMPLES = {GenerationMode.POSITIVE: 40, GenerationMode.NEGATIVE: 60}
