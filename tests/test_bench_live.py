@@ -251,9 +251,16 @@ def test_sweep_saved_recomputed_and_plotted(live, tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
     pngs = sorted(png_dir.glob("*.png"))
     assert [f.name for f in pngs] == ["latency_vs_concurrency.png", "throughput_vs_interactivity.png"]
+    import matplotlib.image
+
     for f in pngs:
         data = f.read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 10_000
+        # Not a blank canvas: the panels hold lines and points in colours, not only the white background
+        # and black axes.
+        rgb = matplotlib.image.imread(f)[..., :3]
+        coloured = (rgb.max(axis=-1) - rgb.min(axis=-1)) > 0.2
+        assert coloured.mean() > 0.001, f"{f.name}: {coloured.sum()} coloured pixels"
 
 
 @pytest.mark.parametrize("endpoint", ["chat", "responses"])
