@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -33,6 +33,27 @@ class RequestStatus(enum.IntEnum):
     @property
     def is_finished(self) -> bool:
         return self >= RequestStatus.FINISHED_STOPPED
+
+
+class _RowCounter:
+    """A counter that lives in the persistent batch's column `column` while the request holds a row, and in
+    the request's own slot `private` otherwise."""
+
+    def __init__(self, column: str, private: str):
+        self.column, self.private = column, private
+
+    def __get__(self, req: Request | None, owner: type) -> Any:
+        if req is None:
+            return self
+        if req.row >= 0:
+            return int(getattr(req._batch, self.column)[req.row])
+        return getattr(req, self.private)
+
+    def __set__(self, req: Request, value: int) -> None:
+        if req.row >= 0:
+            getattr(req._batch, self.column)[req.row] = value
+        else:
+            setattr(req, self.private, value)
 
 
 class Request:
@@ -113,35 +134,8 @@ class Request:
         self._num_pending = 0
 
     # -- counters (in the batch row while running) ------------------------------------------------------
-    @property
-    def num_computed_tokens(self) -> int:
-        if self.row >= 0:
-            assert self._batch is not None
-            return int(self._batch.num_computed[self.row])
-        return self._num_computed
-
-    @num_computed_tokens.setter
-    def num_computed_tokens(self, value: int) -> None:
-        if self.row >= 0:
-            assert self._batch is not None
-            self._batch.num_computed[self.row] = value
-        else:
-            self._num_computed = value
-
-    @property
-    def num_pending(self) -> int:
-        if self.row >= 0:
-            assert self._batch is not None
-            return int(self._batch.num_pending[self.row])
-        return self._num_pending
-
-    @num_pending.setter
-    def num_pending(self, value: int) -> None:
-        if self.row >= 0:
-            assert self._batch is not None
-            self._batch.num_pending[self.row] = value
-        else:
-            self._num_pending = value
+    num_computed_tokens = _RowCounter("num_computed", "_num_computed")
+    num_pending = _RowCounter("num_pending", "_num_pending")
 
     @property
     def num_prompt_tokens(self) -> int:
