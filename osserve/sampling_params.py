@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+import numpy as np
+
 from osserve.harmony.encoding import VOCAB_SIZE
 from osserve.structured.grammar import StructuredOutput
 
@@ -137,11 +139,7 @@ class SamplingParams:
         if prompt_len < 1:
             raise ValueError("prompt must contain at least one token")
         if prompt_ids is not None:
-            for i, t in enumerate(prompt_ids):
-                if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size:
-                    raise ValueError(
-                        f"prompt_token_ids[{i}] is {t!r}; token ids must be integers in [0, {vocab_size})"
-                    )
+            _check_token_ids(prompt_ids, vocab_size)
         if self.structured is not None and vocab_size != VOCAB_SIZE:
             raise ValueError(
                 f"structured outputs need gpt-oss's vocabulary ({VOCAB_SIZE} tokens); this model has {vocab_size}"
@@ -185,3 +183,16 @@ class SamplingParams:
         if isinstance(data.get("structured"), dict):
             data["structured"] = StructuredOutput(**data["structured"])
         return cls(**data)
+
+
+def _check_token_ids(ids: list[int], vocab_size: int) -> None:
+    """Raise naming the first id that is not an integer in [0, vocab_size): one array pass in the common
+    case (this runs for every request, in the engine loop too), Python only to name a culprit."""
+    arr = np.asarray(ids)
+    if arr.dtype.kind in "iu" and len(arr) and arr.min() >= 0 and arr.max() < vocab_size:
+        return
+    for i, t in enumerate(ids):
+        if not isinstance(t, int | np.integer) or isinstance(t, bool) or not 0 <= t < vocab_size:
+            raise ValueError(
+                f"prompt_token_ids[{i}] is {t!r}; token ids must be integers in [0, {vocab_size})"
+            )

@@ -73,6 +73,18 @@ def server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     stop_cli_server(live)
 
 
+@pytest.fixture(scope="module")
+def reference(forced_server: LiveServer) -> Iterator[str]:
+    """The URL of single-process serving of the tiny checkpoint, for comparing a multi-process deployment
+    with; torch keeps to one thread meanwhile (the deployment's processes need the two cores too)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield forced_server.base_url
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture()
 def client(server: LiveServer):
     import openai

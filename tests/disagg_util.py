@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_NAME = "osserve-tiny-test"  # conftest's SERVED_NAME: the single-process reference serves it too
@@ -92,6 +93,29 @@ def wait_health(
         time.sleep(0.2)
     tails = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in logs or [] if p.exists())
     raise AssertionError(f"{what} not within {timeout}s; last /health: {last}\n{tails}")
+
+
+def serve_deployment(spec: dict[str, Any], tmp: Path, **extra_env: str) -> tuple[subprocess.Popen, str, Path]:
+    """`osserve serve --config` of `spec` (a deployment file's content); returns (process, frontend URL, log)
+    once every worker the spec names is ready. The caller stops the process."""
+    path = tmp / "deploy.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    log = tmp / "deployment.log"
+    proc = spawn(["serve", "--config", str(path)], log, **extra_env)
+    url = f"http://127.0.0.1:{spec['frontend']['port']}"
+    workers = sum(w.get("replicas", 1) for w in spec["workers"])
+    try:
+        wait_health(
+            url,
+            lambda code, body: code == 200 and [e["ready"] for e in endpoints(body)] == [True] * workers,
+            120,
+            "deployment healthy",
+            [log],
+        )
+    except BaseException:
+        stop(proc)
+        raise
+    return proc, url, log
 
 
 def endpoints(body: dict[str, Any], role: str | None = None) -> list[dict[str, Any]]:

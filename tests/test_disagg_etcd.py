@@ -12,7 +12,6 @@ import time
 
 import httpx
 import pytest
-import torch
 from disagg_util import (
     MODEL_NAME,
     complete,
@@ -89,14 +88,6 @@ def etcd(tmp_path_factory):
     yield {"url": url, "proc": proc}
     stop(proc)
     log.close()
-
-
-@pytest.fixture(scope="module")
-def reference(forced_server):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield forced_server.base_url
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

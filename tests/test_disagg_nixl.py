@@ -22,7 +22,6 @@ import time
 import httpx
 import pytest
 import torch
-import yaml
 from disagg_util import (
     ENGINE,
     MODEL_NAME,
@@ -33,7 +32,7 @@ from disagg_util import (
     http_client,
     kill,
     run,
-    spawn,
+    serve_deployment,
     stop,
     stream_events,
     wait_health,
@@ -111,14 +110,6 @@ def test_a_nixl_read_moves_exactly_the_blocks_asked_for():
 
 # -- a deployment with kv_transport nixl ----------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def reference(forced_server):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield forced_server.base_url
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def deployment(tiny_ckpt, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("disagg-nixl")
     port = free_port()
@@ -132,19 +123,8 @@ def deployment(tiny_ckpt, tmp_path_factory):
             {"role": "decode", "kv_transport": "nixl", "kv_transfer_timeout": TRANSFER_TIMEOUT},
         ],
     }
-    path = tmp / "deploy.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    log = tmp / "deployment.log"
-    proc = spawn(["serve", "--config", str(path)], log, OSSERVE_DEBUG_TRANSFER_DELAY=str(TRANSFER_DELAY))
-    url = f"http://127.0.0.1:{port}"
+    proc, url, log = serve_deployment(spec, tmp, OSSERVE_DEBUG_TRANSFER_DELAY=str(TRANSFER_DELAY))
     try:
-        wait_health(
-            url,
-            lambda code, body: code == 200 and [e["ready"] for e in endpoints(body)] == [True] * 3,
-            120,
-            "deployment healthy",
-            [log],
-        )
         yield {"url": url, "proc": proc, "log": log}
     finally:
         for e in endpoints(health(url)[1]) if proc.poll() is None else []:

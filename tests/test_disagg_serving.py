@@ -14,8 +14,6 @@ import time
 
 import httpx
 import pytest
-import torch
-import yaml
 from disagg_util import (
     ENGINE,
     MODEL_NAME,
@@ -28,7 +26,7 @@ from disagg_util import (
     kill,
     pid_alive,
     run,
-    spawn,
+    serve_deployment,
     stop,
     stream_events,
     wait_health,
@@ -39,21 +37,6 @@ from osserve.distributed.disagg.kv_nixl import import_nixl
 
 LEASE_TTL = 3.0
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
-
-
-@pytest.fixture(scope="module")
-def single_threaded():
-    # The reference server runs in this process; the deployment's processes need the two cores too.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def reference(forced_server, single_threaded):
-    """Single-process serving of the same checkpoint (conftest's in-process server)."""
-    return forced_server.base_url
 
 
 @pytest.fixture(scope="module")
@@ -76,19 +59,8 @@ def deployment(tiny_ckpt, tmp_path_factory):
             {"role": "decode", "runtime": {"max_batch_size": 12}, "max_restarts": 0},
         ],
     }
-    path = tmp / "deploy.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    log = tmp / "deployment.log"
-    proc = spawn(["serve", "--config", str(path)], log, OSSERVE_DEBUG_TRANSFER_DELAY="0.05")
-    url = f"http://127.0.0.1:{port}"
+    proc, url, log = serve_deployment(spec, tmp, OSSERVE_DEBUG_TRANSFER_DELAY="0.05")
     try:
-        wait_health(
-            url,
-            lambda code, body: code == 200 and [e["ready"] for e in endpoints(body)] == [True] * 3,
-            120,
-            "deployment healthy",
-            [log],
-        )
         yield {"url": url, "proc": proc, "log": log}
     finally:
         stop(proc)

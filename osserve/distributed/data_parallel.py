@@ -20,13 +20,11 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-import torch
-
 from osserve.distributed import comm
 from osserve.distributed.supervisor import Launch
 from osserve.engine.engine import EngineCore
 from osserve.engine.outputs import EngineCoreOutputs, concat_outputs
-from osserve.model.batch import ForwardBatch
+from osserve.model.batch import ForwardBatch, null_block_batch
 from osserve.parallel import dp_step
 from osserve.sampling_params import SamplingParams
 
@@ -50,26 +48,8 @@ class StepSync:
 
 def idle_batch(runner: Any) -> ForwardBatch:
     """One padding row (num_tokens 0) whose K/V lands in the null block 0, which no real sequence reads."""
-    dev = runner.device
-
-    def t(values: list[int], dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype, device=dev)
-
-    table = torch.zeros((1, 1), dtype=torch.int32, device=dev)
-    return ForwardBatch(
-        input_ids=t([0], torch.int64),
-        positions=t([0], torch.int64),
-        query_start_loc=t([0, 1], torch.int32),
-        query_start_loc_cpu=[0, 1],
-        seq_lens=t([1], torch.int32),
-        seq_lens_cpu=[1],
-        full_block_table=table,
-        sliding_block_table=table,
-        full_slot_mapping=t([0], torch.int64),
-        sliding_slot_mapping=t([0], torch.int64),
-        logits_indices=t([], torch.int64),
-        sliding_window=runner.model_config.sliding_window,
-        num_tokens=0,
+    return null_block_batch(
+        1, runner.block_size, runner.model_config.sliding_window, runner.device, real=False
     )
 
 

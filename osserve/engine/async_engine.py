@@ -26,7 +26,7 @@ from typing import Any, Protocol
 from osserve.config import EngineConfig
 from osserve.engine.engine import EngineCore, Tokenizer
 from osserve.engine.output_processor import OutputProcessor, RequestState, wake
-from osserve.engine.outputs import EngineCoreOutputs, Finish, RequestOutput
+from osserve.engine.outputs import EngineCoreOutputs, RequestOutput
 from osserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -229,11 +229,7 @@ class AsyncEngine:
             return
         self._submit(_Abort(state.handles))
         if not state.finished:
-            # Its stream ends with the tokens that arrived so far and finish_reason "abort".
-            for s in state.samples:
-                if s.finish == Finish.NONE:
-                    s.finish = Finish.ABORT
-            state.has_news = True
+            self.processor.abort(state)  # its stream ends with what arrived and finish_reason "abort"
             wake([state])
 
     def adopt(

@@ -39,6 +39,7 @@ from osserve.engine.async_engine import (
     _STOP,
     AsyncEngine,
     EngineDeadError,
+    EngineNotReadyError,
     ProgressLog,
     _Abort,
     _Add,
@@ -85,8 +86,6 @@ class ProcessEngine(AsyncEngine):
         if self.state == "dead":
             raise EngineDeadError(self.error or "engine is dead")
         if self._info is None:
-            from osserve.engine.async_engine import EngineNotReadyError
-
             raise EngineNotReadyError("the model is still loading")
         return None
 

@@ -240,7 +240,7 @@ class KVHandoff:
         first = kv._first_needed(num_prompt) if kv.has_sliding else 0
         need = (n if kv.has_full else 0) + (n - first if kv.has_sliding else 0)
         if (
-            len(core.scheduler.running) + len(self.reserved) >= core.config.max_batch_size
+            core.scheduler.num_running + len(self.reserved) >= core.config.max_batch_size
             or need > kv.pool.num_free
         ):
             return None

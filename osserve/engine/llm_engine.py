@@ -92,11 +92,8 @@ class LLMEngine:
             if state is None:
                 continue
             self.core.abort(state.handles)
-            for s in state.samples:
-                if s.finish_reason is None:
-                    self.processor._take(state, s)
-                    s.finish_reason = s.finish_reason or "abort"
-            out = self.processor.make_output(state) if not state.finished else None
+            self.processor.abort(state)
+            out = self.processor.make_output(state)
             self.processor.remove(state)
             if out is not None:
                 outs.append(out)

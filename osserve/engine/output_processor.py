@@ -235,6 +235,13 @@ class OutputProcessor:
                 self.fail(r, ValueError(message), woken)
         return woken
 
+    def abort(self, state: RequestState) -> None:
+        """End a request the client aborted: its unfinished samples finish "abort" with what arrived."""
+        for s in state.samples:
+            if s.finish == Finish.NONE:
+                s.finish = Finish.ABORT
+        state.has_news = True
+
     def fail(
         self, state: RequestState, error: BaseException, woken: list[RequestState] | None = None
     ) -> None:

@@ -25,7 +25,7 @@ from osserve.engine.scheduler import SchedulerOutput
 from osserve.engine.staging import to_device
 from osserve.kernels import select_ops
 from osserve.layers.sampler import Sampler, SamplingBatch, compute_logprobs
-from osserve.model.batch import ForwardBatch
+from osserve.model.batch import ForwardBatch, null_block_batch
 from osserve.model.gpt_oss import GptOssModel
 from osserve.structured import allocate_bitmask, fill_bitmasks
 
@@ -146,35 +146,7 @@ class ModelRunner:
         if sizes is None:
             sizes = sorted({n for n in (budget, budget // 2, 1000, 100, 17) if 1 < n <= budget}, reverse=True)
         for n in sizes:
-            positions = np.arange(n, dtype=np.int64)
-            ids, pos_t, slots, logits_t, qsl_t, lens_t = to_device(
-                [
-                    np.zeros(n, np.int64),
-                    positions,
-                    positions % self.block_size,
-                    np.asarray([n - 1], np.int64),
-                    np.asarray([0, n], np.int32),
-                    np.asarray([n], np.int32),
-                ],
-                self.device,
-            )
-            table = torch.zeros((1, -(-n // self.block_size)), dtype=torch.int32, device=self.device)
-            batch = ForwardBatch(
-                input_ids=ids,
-                positions=pos_t,
-                query_start_loc=qsl_t,
-                query_start_loc_cpu=[0, n],
-                seq_lens=lens_t,
-                seq_lens_cpu=[n],
-                full_block_table=table,
-                sliding_block_table=table,
-                full_slot_mapping=slots,
-                sliding_slot_mapping=slots,
-                logits_indices=logits_t,
-                sliding_window=self.model_config.sliding_window,
-                num_tokens=n,
-                max_query_len=n,
-            )
+            batch = null_block_batch(n, self.block_size, self.model_config.sliding_window, self.device)
             self.model.compute_logits(self.model(batch, self.kv_caches)[batch.logits_indices])
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -330,10 +302,11 @@ class ModelRunner:
         special = np.flatnonzero(b.special[sample_rows]).tolist()
         if not special:
             return sb
-        reqs: list[Request] = [b.reqs[r] for r in sample_rows.tolist()]
+        # NOTE: only the special rows' requests: one seeded or grammar request in a batch of hundreds costs one
+        # lookup per step, not a list of the whole batch.
+        reqs = {i: b.reqs[sample_rows[i]] for i in special}
         dev = self.device
-        for i in special:
-            r = reqs[i]
+        for i, r in reqs.items():
             p = r.sampling_params
             if p.seed is not None and not p.is_greedy:
                 if r.generator is None:
@@ -343,9 +316,9 @@ class ModelRunner:
                 sb.generators[i] = r.generator
             if p.logits_processors:
                 sb.logits_processors.append((i, p.logits_processors, r.output_token_ids))
-        if any(reqs[i].sampling_params.needs_penalties for i in special):
-            self._add_penalties(sb, reqs)
-        sb.grammars = [(i, reqs[i].grammar) for i in special if reqs[i].grammar is not None]
+        if any(r.sampling_params.needs_penalties for r in reqs.values()):
+            self._add_penalties(sb, reqs, len(sample_rows))
+        sb.grammars = [(i, r.grammar) for i, r in reqs.items() if r.grammar is not None]
         return sb
 
     def _fill_grammar_masks(self, sb: SamplingBatch) -> None:
@@ -365,19 +338,28 @@ class ModelRunner:
             [bitmask, np.asarray([i for i, _ in sb.grammars], dtype=np.int64)], self.device
         )
 
-    def _add_penalties(self, sb: SamplingBatch, reqs: list[Request]) -> None:
-        dev, n, v = self.device, len(reqs), self.vocab_size
-        ps = [r.sampling_params for r in reqs]
-        sb.presence_penalty = torch.tensor([p.presence_penalty for p in ps], dtype=torch.float32, device=dev)
-        sb.frequency_penalty = torch.tensor(
-            [p.frequency_penalty for p in ps], dtype=torch.float32, device=dev
+    def _add_penalties(self, sb: SamplingBatch, reqs: dict[int, Request], n: int) -> None:
+        """Penalty tensors for `n` sampling rows; rows without penalties (absent from `reqs` or with neutral
+        values) are left unpenalized."""
+        dev, v = self.device, self.vocab_size
+        presence, frequency, repetition = (
+            np.zeros(n, np.float32),
+            np.zeros(n, np.float32),
+            np.ones(n, np.float32),
         )
-        sb.repetition_penalty = torch.tensor(
-            [p.repetition_penalty for p in ps], dtype=torch.float32, device=dev
+        for i, r in reqs.items():
+            p = r.sampling_params
+            presence[i], frequency[i], repetition[i] = (
+                p.presence_penalty,
+                p.frequency_penalty,
+                p.repetition_penalty,
+            )
+        sb.presence_penalty, sb.frequency_penalty, sb.repetition_penalty = (
+            torch.from_numpy(a).to(dev) for a in (presence, frequency, repetition)
         )
         sb.output_counts = torch.zeros(n, v, dtype=torch.float32, device=dev)
         sb.prompt_mask = torch.zeros(n, v, dtype=torch.bool, device=dev)
-        for i, r in enumerate(reqs):
+        for i, r in reqs.items():
             if not r.sampling_params.needs_penalties:
                 continue
             if r.output_token_ids:

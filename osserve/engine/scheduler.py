@@ -174,7 +174,7 @@ class Scheduler:
             if num_new <= 0 or b.num_tokens[row] + b.num_pending[row] >= b.sched_cap[row]:
                 continue
             while not self.kv.allocate_slots(req, num_new):
-                victim = self.running[-1]
+                victim = self.batch.reqs[self.batch.order()[-1]]
                 for i, (r, n) in enumerate(scheduled):
                     if r is victim:  # already given tokens this step: take them back
                         budget += n

@@ -69,3 +69,34 @@ class ForwardBatch:
             max_seq_len=max(self.seq_lens_cpu, default=0),
             sliding_window=self.sliding_window if sliding else None,
         )
+
+
+def null_block_batch(
+    num_tokens: int, block_size: int, sliding_window: int, device: torch.device | str, real: bool = True
+) -> ForwardBatch:
+    """One sequence of `num_tokens` tokens (ids 0, positions from 0) whose K/V all go to the null block 0,
+    which no live sequence reads: the startup warm-up forwards, and an attention-DP rank's idle forward
+    (`real` False: no row is sampled and the batch counts as no tokens)."""
+
+    def t(values: list[int], dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=device)
+
+    positions = torch.arange(num_tokens, dtype=torch.int64, device=device)
+    slots = positions % block_size
+    table = torch.zeros((1, -(-num_tokens // block_size)), dtype=torch.int32, device=device)
+    return ForwardBatch(
+        input_ids=torch.zeros(num_tokens, dtype=torch.int64, device=device),
+        positions=positions,
+        query_start_loc=t([0, num_tokens], torch.int32),
+        query_start_loc_cpu=[0, num_tokens],
+        seq_lens=t([num_tokens], torch.int32),
+        seq_lens_cpu=[num_tokens],
+        full_block_table=table,
+        sliding_block_table=table,
+        full_slot_mapping=slots,
+        sliding_slot_mapping=slots,
+        logits_indices=t([num_tokens - 1] if real else [], torch.int64),
+        sliding_window=sliding_window,
+        num_tokens=num_tokens if real else 0,
+        max_query_len=num_tokens,
+    )
