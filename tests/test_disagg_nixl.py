@@ -134,7 +134,17 @@ def deployment(tiny_ckpt, tmp_path_factory):
 
 
 def _decode(url: str) -> dict:
-    (decode,) = endpoints(health(url)[1], "decode")
+    return _decode_of(health(url)[1])
+
+
+def _wait_decode(url: str, ok, timeout: float = 5.0) -> dict:
+    """The decode worker's health entry once ok(entry) holds (workers report their counters periodically)."""
+    body = wait_health(url, lambda code, b: ok(_decode_of(b)), timeout, "decode worker counters")
+    return _decode_of(body)
+
+
+def _decode_of(body: dict) -> dict:
+    (decode,) = endpoints(body, "decode")
     return decode
 
 
@@ -264,9 +274,9 @@ def test_a_fetch_past_its_deadline_falls_back_to_recomputing(deployment, referen
         kill(victim["pid"], signal.SIGCONT)
     want = run(complete(reference, prompt, 12, stream=False))
     assert got["error"] is None and got["text"] == want["text"]
-    decode = _decode(url)
-    assert decode["kv_transfer"]["fallbacks"]["timeout"] == 1
-    assert decode["counters"]["kv_recomputed"] == 1
+    _wait_decode(
+        url, lambda d: d["kv_transfer"]["fallbacks"]["timeout"] == 1 and d["counters"]["kv_recomputed"] == 1
+    )
     wait_health(
         url,
         lambda code, b: _metric(url, "osserve_kv_transfer_fallbacks_total", "timeout") == before + 1,
@@ -310,8 +320,7 @@ def test_a_prefill_worker_killed_mid_transfer(deployment, reference):
     assert got["ended"] - got["killed"] < 5.0
     if got["error"] is None:
         assert got["text"] == want["text"]
-    decode = _decode(url)
-    assert decode["kv_transfer"]["fallbacks"]["source_lost"] == 1
+    _wait_decode(url, lambda d: d["kv_transfer"]["fallbacks"]["source_lost"] == 1)
     # The frontend stops routing to the dead worker; the other one serves on.
     wait_health(
         url,
