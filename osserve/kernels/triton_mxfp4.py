@@ -132,6 +132,77 @@ def _e2m1_pair(t, i: tl.constexpr, ASM: tl.constexpr):
     return _f16x2_to_f32(f, ASM)
 
 
+# Pair decode (config PAIR of the gemm regime): straight to bf16 with no fp32 step. One shift / mask pair per
+# two codes builds the bf16 bits of codes i and i + 4 of a word in the two halves of one register: magnitude
+# bits -> bf16 bits 6..8 (exponent 0..3, mantissa's top bit), sign -> bit 15, i.e. value x 2^-126 (code 1,
+# 0.5, is the bf16 subnormal 2^-127); one bf16x2 multiply by 2^(s - 1) then applies the group's scale, exact.
+# 2^(s - 1) must be a bf16 number: scales up to PAIR_MAX_SCALE (|weights| <= 12; gpt-oss's sit near 2^-7), so
+# the MoE takes this decode only for experts whose largest scale byte (MoEWeights.max_scale) is in range.
+PAIR_MAX_SCALE = 128
+
+
+def _pair_asm(i: int) -> tl.constexpr:
+    mag = f"shl.b32 m, $2, {6 - 4 * i};" if i < 2 else f"shr.b32 m, $2, {4 * i - 6};"
+    return tl.constexpr(
+        "{ .reg .b32 m, s; "
+        + mag
+        + f" and.b32 m, m, 0x01C001C0; shl.b32 s, $2, {12 - 4 * i}; and.b32 s, s, 0x80008000;"
+        + " or.b32 m, m, s; mul.rn.bf16x2 m, m, $3; mov.b32 {$0, $1}, m; }"
+    )
+
+
+# NOTE: constexpr globals, so that @jit functions may read them.
+_PAIR_ASM0, _PAIR_ASM1, _PAIR_ASM2, _PAIR_ASM3 = (_pair_asm(i) for i in range(4))
+
+
+@triton.jit
+def _bf16_pair(t, sc, i: tl.constexpr, ASM: tl.constexpr):
+    """Codes i and i + 4 of each word t of 8 codes, scaled by the words' scale bytes sc, as bf16.
+
+    ASM: the pair decode above (scales <= PAIR_MAX_SCALE). Otherwise the word decode's fp32 arithmetic (the
+    form the CPU interpreter computes right: it flushes bf16 subnormals and mis-multiplies bf16)."""
+    if ASM:
+        fbits = (sc.to(tl.uint32) + 126) << 7  # bf16 bits of 2^(s - 1), in both halves
+        if i == 0:
+            asm: tl.constexpr = _PAIR_ASM0
+        elif i == 1:
+            asm: tl.constexpr = _PAIR_ASM1
+        elif i == 2:
+            asm: tl.constexpr = _PAIR_ASM2
+        else:
+            asm: tl.constexpr = _PAIR_ASM3
+        lo, hi = tl.inline_asm_elementwise(
+            asm, "=h,=h,r,r", [t, fbits | (fbits << 16)], dtype=(tl.uint16, tl.uint16), is_pure=True, pack=1
+        )
+        return lo.to(tl.bfloat16, bitcast=True), hi.to(tl.bfloat16, bitcast=True)
+    f = _scale_factor(sc)
+    lo, hi = _e2m1_pair(t, i, False)
+    return (lo * f).to(tl.bfloat16), (hi * f).to(tl.bfloat16)
+
+
+@triton.jit
+def _pair_dequant(
+    w_ptr, s_ptr, rows, rmask, k0, KG, stride_wn, stride_sn, BLOCK_K: tl.constexpr, ASM: tl.constexpr
+):
+    """bf16 tile [R, BLOCK_K] of the weights, natural column order, by the pair decode (scales <=
+    PAIR_MAX_SCALE). The eight [R, BLOCK_K / 8] code tiles are joined back into column order in registers."""
+    W: tl.constexpr = BLOCK_K // 8
+    wk = k0 // 8 + tl.arange(0, W)
+    wmask = rmask[:, None] & (wk < KG * 4)[None, :]
+    # NOTE: rows are whole 16-byte groups, so word offsets are multiples of 4: 16-byte loads.
+    words = w_ptr.to(tl.pointer_type(tl.uint32)) + tl.multiple_of(rows[:, None] * (stride_wn // 4), [4, 1])
+    t = tl.load(words + wk[None, :], mask=wmask, other=0)
+    # The scale byte of every word (four words share one; the repeats hit L1).
+    sc = tl.load(s_ptr + rows[:, None] * stride_sn + (wk // 4)[None, :], mask=wmask, other=0)
+    l0, h0 = _bf16_pair(t, sc, 0, ASM)
+    l1, h1 = _bf16_pair(t, sc, 1, ASM)
+    l2, h2 = _bf16_pair(t, sc, 2, ASM)
+    l3, h3 = _bf16_pair(t, sc, 3, ASM)
+    # Code c = 4h + 2a + b of a word: join over h first, then a, then b, so that b varies fastest.
+    w = tl.join(tl.join(tl.join(l0, h0), tl.join(l2, h2)), tl.join(tl.join(l1, h1), tl.join(l3, h3)))
+    return tl.reshape(w, [rows.shape[0], BLOCK_K])
+
+
 def use_asm(cfg: dict) -> bool:
     """Whether a config's DEQUANT_ASM applies: inline PTX cannot run under the interpreter."""
     return bool(cfg.get("DEQUANT_ASM", False)) and not interpreting()
