@@ -29,7 +29,7 @@ class Setup:
     tokens: tuple[int, ...] = (1, 256, 8192)
     # MoE token counts per regime (gpt-oss top-4: pairs = 4 x tokens); 120b (128 experts) runs a subset.
     gemv_tokens: tuple[int, ...] = (1, 2, 4, 8, 16)
-    gemm_tokens: tuple[int, ...] = (4, 16, 64, 256, 512, 1024, 2048, 4096, 8192)
+    gemm_tokens: tuple[int, ...] = (4, 16, 64, 256, 1024, 2048, 4096, 8192)
     grouped_tokens: tuple[int, ...] = (256, 1024, 2048, 4096, 8192)
     decode: tuple[tuple[str, tuple[int, ...], bool], ...] = (
         # (label, context lengths, sliding)

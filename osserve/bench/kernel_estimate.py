@@ -38,7 +38,6 @@ def random_model(preset: str, device: str = "cuda") -> GptOssModel:
                 p.normal_(0.0, 0.1, generator=g)
             else:
                 p.normal_(0.0, 0.02, generator=g)
-        model.note_loaded()
     from osserve.kernels.triton_ops import make_ops
 
     model.ops = make_ops()

@@ -25,9 +25,6 @@ class MoEWeights:
     swiglu_limit: float
     swiglu_alpha: float
     expert_offset: int = 0
-    # The largest E8M0 scale byte of w13 and w2 (packed), known from loading; decodes whose bf16 arithmetic
-    # needs a bound on the scales check it (255: not known).
-    max_scale: int = 255
 
     def __post_init__(self) -> None:
         packed = self.w13_scales is not None

@@ -33,15 +33,7 @@ from osserve.kernels.moe_weights import MoEWeights
 from osserve.kernels.triton_common import dot_f32, interpreting
 from osserve.kernels.triton_moe_gemv import _strides, _swiglu
 from osserve.kernels.triton_moe_pairs import align_pairs, combine_pairs
-from osserve.kernels.triton_mxfp4 import (
-    PAIR_MAX_SCALE,
-    _dequant_mxfp4,
-    _e2m1_pair,
-    _pair_dequant,
-    _scale_factor,
-    experts_stage,
-    use_asm,
-)
+from osserve.kernels.triton_mxfp4 import _dequant_mxfp4, _e2m1_pair, _scale_factor, experts_stage, use_asm
 
 
 @triton.jit
@@ -59,10 +51,9 @@ def _byte_dot(
     BLOCK_K: tl.constexpr,
     SWAP: tl.constexpr,
     DOT_SCALED: tl.constexpr,
-    PAIR: tl.constexpr,
     ASM: tl.constexpr,
 ):
-    """acc += a [BM, BK] x W[rows, k0:k0+BK]^T (or its transpose with SWAP), byte or pair decode."""
+    """acc += a [BM, BK] x W[rows, k0:k0+BK]^T (or its transpose with SWAP), byte decode."""
     if DOT_SCALED:
         # Triton's own e2m1 path: packed bytes and E8M0 scales straight into tl.dot_scaled (on Hopper it
         # upcasts to bf16 in registers and runs wgmma).
@@ -81,10 +72,7 @@ def _byte_dot(
         else:
             acc = tl.dot_scaled(a, None, "bf16", tl.trans(packed), sc, "e2m1", acc)
     else:
-        if PAIR:
-            w = _pair_dequant(w_e, s_e, rows, rmask, k0, KG, stride_wn, stride_sn, BLOCK_K, ASM).to(a.dtype)
-        else:
-            w = _dequant_mxfp4(w_e, s_e, rows, rmask, k0, KG, stride_wn, stride_sn, BLOCK_K, ASM).to(a.dtype)
+        w = _dequant_mxfp4(w_e, s_e, rows, rmask, k0, KG, stride_wn, stride_sn, BLOCK_K, ASM).to(a.dtype)
         if SWAP:
             acc = tl.dot(w, tl.trans(a), acc)
         else:
@@ -169,7 +157,6 @@ def _moe_gemm_kernel(
     WORD: tl.constexpr,
     F32_DOT: tl.constexpr,
     DOT_SCALED: tl.constexpr,
-    PAIR: tl.constexpr,
     ASM: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -239,7 +226,6 @@ def _moe_gemm_kernel(
                     BLOCK_K,
                     SWAP,
                     DOT_SCALED,
-                    PAIR,
                     ASM,
                 )
         if SWAP:
@@ -277,8 +263,6 @@ def gemm_launch(
     scaled = (
         bool(cfg.get("DOT_SCALED", False)) and not word and not interpreting() and x.dtype == torch.bfloat16
     )
-    # The pair decode needs every scale's 2^(s - 1) to be a bf16 number (MoEWeights.max_scale).
-    pair = bool(cfg.get("PAIR", False)) and not word and not scaled and experts.max_scale <= PAIR_MAX_SCALE
     lay = align_pairs(topk_ids, experts.expert_offset, experts.num_local, cfg["BLOCK_M"])
     act = torch.empty((num_pairs, experts.inter), dtype=x.dtype, device=x.device)
     y = torch.empty((num_pairs, experts.hidden), dtype=x.dtype, device=x.device)
@@ -306,7 +290,6 @@ def gemm_launch(
             WORD=word,
             F32_DOT=dot_f32(x),
             DOT_SCALED=scaled,
-            PAIR=pair,
             ASM=use_asm(cfg),
             num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],

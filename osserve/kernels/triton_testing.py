@@ -192,6 +192,5 @@ def moe_inputs(
     w2, w2_scales = random_mxfp4(num_local, hidden, inter, g)
     b13 = torch.randn(num_local, 2 * inter, generator=g, device=device) * 0.5 if bias else None
     b2 = torch.randn(num_local, hidden, generator=g, device=device) * 0.5 if bias else None
-    max_scale = int(torch.maximum(w13_scales.max(), w2_scales.max()))
-    experts = MoEWeights(w13, w13_scales, b13, w2, w2_scales, b2, 7.0, 1.702, expert_offset, max_scale)
+    experts = MoEWeights(w13, w13_scales, b13, w2, w2_scales, b2, 7.0, 1.702, expert_offset)
     return MoeInputs(x=x.to(dtype), topk_weights=weights, topk_ids=ids, experts=experts)

@@ -36,7 +36,6 @@ class MoE(nn.Module):
         e0, e1 = expert_range(cfg, parallel)
         i0, i1 = intermediate_range(cfg, parallel)
         self.expert_offset = e0
-        self.max_scale = 255  # the largest E8M0 scale byte, set by note_loaded
         num_local, inter, hidden = e1 - e0, i1 - i0, cfg.hidden_size
         self.router = nn.Linear(hidden, cfg.num_local_experts, bias=True, dtype=dtype)
 
@@ -72,13 +71,7 @@ class MoE(nn.Module):
             self.limit,
             self.alpha,
             self.expert_offset,
-            self.max_scale,
         )
-
-    def note_loaded(self) -> None:
-        """After loading: record the largest scale byte (one device sync per layer, at load time only)."""
-        if self.packed:
-            self.max_scale = int(torch.maximum(self.w13_scales.max(), self.w2_scales.max()))
 
     def forward(self, x_local: torch.Tensor, ops: KernelOps) -> torch.Tensor:
         # Under attention data parallelism the experts serve the tokens of every rank.

@@ -65,11 +65,6 @@ class GptOssModel(nn.Module):
         """Recompute the RoPE frequencies (after building on the meta device and `to_empty`)."""
         self.inv_freq = yarn_inv_freq(self.config)[0].to(device)
 
-    def note_loaded(self) -> None:
-        """Called once the weights are in: per-layer facts the kernels read from then on."""
-        for layer in self.layers:
-            layer.mlp.note_loaded()
-
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv_caches: KVCaches) -> torch.Tensor:
         ops, eps = self.ops, self.config.rms_norm_eps

@@ -318,7 +318,6 @@ def load_random_model(
     with torch.inference_mode():
         for name in tqdm(source.specs, desc="random weights", disable=not progress):
             target.load(name, source, device)
-        model.note_loaded()
     logger.info("drew random weights for %s (seed %d) in %.1f s", cfg, seed, time.perf_counter() - start)
     return model
 
@@ -355,8 +354,6 @@ def load_model(
         raise CheckpointError(
             "expert blocks without their scales (or scales without blocks) in the checkpoint"
         )
-    with torch.inference_mode():
-        model.note_loaded()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     logger.info(

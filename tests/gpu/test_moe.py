@@ -34,8 +34,6 @@ def _gemm_cfgs() -> dict[str, dict]:
             "word-noperm-noswap": dict(base, PERM=False, SWAP=False),
             "byte-noswap-bk32": dict(base, WORD=False, SWAP=False, BLOCK_K=32),
             "byte-m32": dict(base, WORD=False, BLOCK_M=32, BLOCK_K=64),
-            "pair-noswap": dict(base, WORD=False, PAIR=True, SWAP=False, BLOCK_K=64),
-            "pair-swap-m32": dict(base, WORD=False, PAIR=True, BLOCK_M=32, BLOCK_K=64),
         }
     m16, m32, m64, m128 = (triton_moe.gemm_default(b) for b in ("m16", "m32", "m64", "m128"))
     byte_small = {"WORD": False, "SWAP": False, "BLOCK_N": 128, "BLOCK_K": 128}
@@ -55,11 +53,6 @@ def _gemm_cfgs() -> dict[str, dict]:
         "m64-byte-scaled": dict(m64, WORD=False, BLOCK_N=128, BLOCK_K=128, DOT_SCALED=True),
         "m128-scaled": dict(m128, DOT_SCALED=True),
         "m128-word-swap": dict(m128, WORD=True, SWAP=True, BLOCK_K=128, num_stages=2),
-        # The pair decode (straight to bf16), in Triton and in inline PTX, both orientations.
-        "m16-pair": dict(m16, PAIR=True),
-        "m16-pair-asm": dict(m16, PAIR=True, DEQUANT_ASM=True),
-        "m64-pair-asm": dict(m64, PAIR=True, DEQUANT_ASM=True),
-        "m128-pair-asm": dict(m128, PAIR=True, DEQUANT_ASM=True),
     }
 
 
