@@ -324,9 +324,23 @@ class MoeConfig:
     # PyTorch reference elsewhere; triton: Triton kernels only; grouped: the grouped GEMMs for every batch
     # past the decode (gemv) sizes; torch: the reference.
     backend: str = "auto"
+    # Keep a bf16 copy of the packed experts beside them, so that large batches run the grouped bf16 GEMMs
+    # with no per-step dequantize (memory for speed: gpt-oss-20b's copy is 38 GB). None (default): on for
+    # packed experts on CUDA when the copy takes at most a quarter of the GPU's memory (20b on an H200, not
+    # on an 80 GB H100, never 120b).
+    bf16_experts: bool | None = None
 
     def __post_init__(self) -> None:
         _check_choice("moe_config", "backend", self.backend, MOE_BACKENDS)
+        if self.bf16_experts is not None and not isinstance(self.bf16_experts, bool):
+            raise ValueError(
+                f"moe_config: bf16_experts must be true, false or null, got {self.bf16_experts!r}"
+            )
+        if self.bf16_experts and self.backend in ("torch", "triton"):
+            raise ValueError(
+                f"moe_config: bf16_experts feeds the grouped GEMMs, which backend {self.backend!r} never runs; "
+                "use backend 'auto' or 'grouped', or leave bf16_experts unset"
+            )
 
 
 @dataclass(frozen=True)

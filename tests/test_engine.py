@@ -331,3 +331,32 @@ def test_prefill_warm_up_leaves_live_blocks_untouched(tiny_ckpt):
     assert [after[i].outputs[0].token_ids for i in range(2)] == [
         before[i].outputs[0].token_ids for i in range(2)
     ]
+
+
+def test_moe_weights_check_their_bf16_copies() -> None:
+    """MoEWeights refuses bf16 copies that are half given, of dense experts, or of the wrong shape / dtype."""
+    from osserve.kernels.moe_weights import MoEWeights
+
+    e, h, i = 2, 64, 32
+    packed = dict(
+        w13=torch.zeros(e, 2 * i, h // 32, 16, dtype=torch.uint8),
+        w13_scales=torch.zeros(e, 2 * i, h // 32, dtype=torch.uint8),
+        w13_bias=None,
+        w2=torch.zeros(e, h, i // 32, 16, dtype=torch.uint8),
+        w2_scales=torch.zeros(e, h, i // 32, dtype=torch.uint8),
+        w2_bias=None,
+        swiglu_limit=7.0,
+        swiglu_alpha=1.702,
+    )
+    w13, w2 = torch.zeros(e, 2 * i, h, dtype=torch.bfloat16), torch.zeros(e, h, i, dtype=torch.bfloat16)
+    assert MoEWeights(**packed, w13_bf16=w13, w2_bf16=w2).has_bf16
+    assert not MoEWeights(**packed).has_bf16
+    with pytest.raises(ValueError, match="both w13 and w2"):
+        MoEWeights(**packed, w13_bf16=w13)
+    with pytest.raises(ValueError, match="w2_bf16"):
+        MoEWeights(**packed, w13_bf16=w13, w2_bf16=w2.float())
+    with pytest.raises(ValueError, match="w13_bf16"):
+        MoEWeights(**packed, w13_bf16=w13[:, :-1], w2_bf16=w2)
+    dense = dict(packed, w13=w13, w13_scales=None, w2=w2, w2_scales=None)
+    with pytest.raises(ValueError, match="packed experts"):
+        MoEWeights(**dense, w13_bf16=w13, w2_bf16=w2)

@@ -79,6 +79,13 @@ def test_bad_flag_values_are_refused() -> None:
         resolve(serve_args("--kv-cache-config", '{"bogus": 1}'))
     with pytest.raises(SystemExit):
         serve_args("--enable-chunked-prefill", "maybe")
+    # bf16 copies of the experts feed the grouped GEMMs, which these backends never run.
+    for backend in ("triton", "torch"):
+        with pytest.raises(ValueError, match="bf16_experts feeds the grouped GEMMs"):
+            resolve(serve_args("--moe-config.backend", backend, "--moe-config.bf16-experts", "true"))
+    config, _ = resolve(serve_args("--moe-config.bf16-experts", "false"))
+    assert config.moe_config.bf16_experts is False
+    assert resolve(serve_args())[0].moe_config.bf16_experts is None
 
 
 def test_deploy_file_top_level_and_single_worker(tmp_path) -> None:

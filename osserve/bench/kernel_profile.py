@@ -192,17 +192,26 @@ def profile(models: list[str], ceil: dict, log: Callable[[str], None], device: s
 
     res: dict[str, Any] = {}
     for m in models:
+        # NAME+bf16: the model with bf16 copies of its experts (moe_config.bf16_experts).
+        name, _, extra = m.partition("+")
         t0 = time.monotonic()
         try:
-            model = ke.random_model(PRESETS[m], device)
+            model = ke.random_model(PRESETS[name], device)
+            if extra == "bf16":
+                for layer in model.layers:
+                    layer.mlp.keep_bf16_copy(model.ops.mxfp4_dequantize)
         except Exception as e:  # noqa: BLE001  (e.g. out of memory: report, go on)
             res[m] = {"error": repr(e)[:300]}
             log(f"{m}: could not build: {e!r}")
             continue
         log(f"{m}: built in {time.monotonic() - t0:.0f}s")
-        cases = [(f"decode b{b}", [(CONTEXT[m], 1)] * b, True) for b in DECODE_BATCHES[m]]
+        cases = [(f"decode b{b}", [(CONTEXT[name], 1)] * b, True) for b in DECODE_BATCHES[name]]
         cases.append(
-            (f"prefill {PREFILL[m][0]}x{PREFILL[m][1]}", [(0, PREFILL[m][1])] * PREFILL[m][0], False)
+            (
+                f"prefill {PREFILL[name][0]}x{PREFILL[name][1]}",
+                [(0, PREFILL[name][1])] * PREFILL[name][0],
+                False,
+            )
         )
         for label, seqs, graph in cases:
             try:
@@ -241,7 +250,11 @@ def compare(old: dict, new: dict, log: Callable[[str], None]) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--models", default="20b,120b", help=f"comma list of: {', '.join(PRESETS)}")
+    p.add_argument(
+        "--models",
+        default="20b,120b",
+        help=f"comma list of: {', '.join(PRESETS)}; NAME+bf16 with bf16 copies of the experts",
+    )
     p.add_argument("--compare", nargs=2, type=Path, metavar=("OLD", "NEW"), default=None)
     args = p.parse_args(argv)
     lines: list[str] = []
@@ -254,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         compare(*(json.loads(f.read_text()) for f in args.compare), log)
         return 0
     models = [m for m in args.models.split(",") if m]
-    if not torch.cuda.is_available() or set(models) - set(PRESETS):
+    if not torch.cuda.is_available() or {m.partition("+")[0] for m in models} - set(PRESETS):
         print(f"needs a CUDA device and --models from {', '.join(PRESETS)}")
         return 2
     ceil = ceilings()

@@ -96,12 +96,38 @@ class ModelRunner:
         self.block_size = block_size
         self.model_config = model.config
         self.model.ops = select_ops(device.type, config.attention_backend, config.moe_config.backend)
+        self.bf16_expert_bytes = self._keep_bf16_experts()
         self.sampler = Sampler(self.model.ops.apply_token_bitmask)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.vocab_size = model.config.vocab_size
         # Set by osserve.distributed on every rank of a parallel engine: entered around each forward, it keeps
         # the ranks in step (rank 0 sends the batch to the others; attention-DP ranks share token counts).
         self.forward_sync: Callable[[ForwardBatch], AbstractContextManager] | None = None
+
+    def _keep_bf16_experts(self) -> int:
+        """moe_config.bf16_experts: dequantize the packed experts once and keep the copies beside them (before
+        the KV cache takes what is left). Returns the bytes kept."""
+        moe = self.config.moe_config
+        if not getattr(self.model, "packed_experts", False) or moe.bf16_experts is False:
+            return 0
+        if moe.backend not in ("auto", "grouped"):
+            return 0  # no grouped GEMMs to feed
+        mlps = [layer.mlp for layer in self.model.layers]
+        need = sum(m.bf16_copy_bytes() for m in mlps)
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        if moe.bf16_experts is None and need > total // 4:
+            return 0
+        start = time.perf_counter()
+        for m in mlps:
+            m.keep_bf16_copy(self.model.ops.mxfp4_dequantize)
+        logger.info(
+            "bf16 copies of the experts: %.1f GB (%.0f%% of the GPU) in %.1f s; large batches skip the "
+            "dequantize (moe_config.bf16_experts)",
+            need / 1e9,
+            100 * need / total,
+            time.perf_counter() - start,
+        )
+        return need
 
     # -- KV cache --------------------------------------------------------------------------------------
     @property

@@ -24,6 +24,8 @@ class KernelOps:
     moe_mxfp4: Callable
     # The grammar bitmask (structured outputs); the reference by default, so tables built without it work.
     apply_token_bitmask: Callable = reference.apply_token_bitmask_
+    # MXFP4 blocks + scales -> dense (moe_config.bf16_experts keeps such a copy of the experts).
+    mxfp4_dequantize: Callable = reference.mxfp4_dequantize
     # Safe to capture in a CUDA graph: no host syncs, launch shapes that depend only on tensor shapes.
     graph_safe: bool = False
 

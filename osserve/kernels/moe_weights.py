@@ -25,6 +25,10 @@ class MoEWeights:
     swiglu_limit: float
     swiglu_alpha: float
     expert_offset: int = 0
+    # Optional bf16 copies of packed experts ([E, 2I, H], [E, H, I]; moe_config.bf16_experts): the grouped
+    # path then multiplies them directly instead of dequantizing the layer on every call.
+    w13_bf16: torch.Tensor | None = None
+    w2_bf16: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         packed = self.w13_scales is not None
@@ -53,6 +57,19 @@ class MoEWeights:
                             f"MoEWeights: {name} blocks and scales must be contiguous uint8 "
                             f"(got {t.dtype}, strides {t.stride()})"
                         )
+        if (self.w13_bf16 is None) != (self.w2_bf16 is None):
+            raise ValueError("MoEWeights: give bf16 copies of both w13 and w2 or of neither")
+        if self.w13_bf16 is not None:
+            if not packed:
+                raise ValueError(
+                    "MoEWeights: bf16 copies are for packed experts (dense experts are bf16 already)"
+                )
+            for name, t, shape in (
+                ("w13_bf16", self.w13_bf16, (e, two_inter, hidden)),
+                ("w2_bf16", self.w2_bf16, (e, hidden, inter)),
+            ):
+                if tuple(t.shape) != shape or t.dtype != torch.bfloat16:
+                    raise ValueError(f"MoEWeights: {name} is {tuple(t.shape)} {t.dtype}, want bf16 {shape}")
         for name, bias, rows in (("w13_bias", self.w13_bias, two_inter), ("w2_bias", self.w2_bias, hidden)):
             if bias is not None and (tuple(bias.shape) != (e, rows) or not bias.is_contiguous()):
                 raise ValueError(f"MoEWeights: {name} is {tuple(bias.shape)}, want a contiguous {(e, rows)}")
@@ -60,6 +77,10 @@ class MoEWeights:
     @property
     def packed(self) -> bool:
         return self.w13_scales is not None
+
+    @property
+    def has_bf16(self) -> bool:
+        return self.w13_bf16 is not None
 
     @property
     def num_local(self) -> int:

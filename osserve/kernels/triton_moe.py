@@ -10,7 +10,8 @@ expert) pairs, the pairs per local expert and the backend (shapes only, so CUDA-
   weights decoded in registers. BLOCK_M follows the pairs per expert (buckets m16 / m32 / m64 / m128), so
   an active expert's weights are streamed once per projection.
 - grouped (pairs >= MIN_PAIRS, prefill; bf16 only): triton_moe_grouped.py, the layer's experts dequantized
-  to bf16 once, then torch._grouped_mm (CUTLASS) for both projections.
+  to bf16 once, then torch._grouped_mm (CUTLASS) for both projections. With bf16 copies of the experts
+  (moe_config.bf16_experts) nothing is dequantized and it takes over from BF16_MIN_PAIRS.
 Backends: "auto" uses all three with the measured crossovers; "triton" never takes the grouped path;
 "grouped" takes it for every batch past the gemv regime.
 """
@@ -94,19 +95,27 @@ def gemm_default(bucket: str) -> dict:
 
 
 def choose_config(
-    num_pairs: int, num_local: int, hidden: int, inter: int, backend: str = "auto", grouped_ok: bool = True
+    num_pairs: int,
+    num_local: int,
+    hidden: int,
+    inter: int,
+    backend: str = "auto",
+    grouped_ok: bool = True,
+    bf16_copies: bool = False,
 ) -> tuple[str, dict]:
     """(mode, config) for a batch of num_pairs (token, expert) pairs; depends on shapes only.
 
     backend: "auto" / "triton" / "grouped" (see the module docstring); grouped_ok: whether the grouped path
-    can run these activations (bf16)."""
+    can run these activations (bf16); bf16_copies: the experts carry bf16 copies (the grouped path then
+    needs no dequantize and takes over from BF16_MIN_PAIRS)."""
     shape = f"h{hidden}-i{inter}-e{num_local}"
     interp = interpreting()
     gemv = config_for("moe_gemv", shape, _INTERPRET_GEMV if interp else GEMV_DEFAULT)
     if num_pairs <= gemv["MAX_PAIRS"]:
         return "gemv", gemv
     grouped = config_for("moe_grouped", shape, _INTERPRET_GROUPED if interp else GROUPED_DEFAULT)
-    if grouped_ok and (backend == "grouped" or (backend == "auto" and num_pairs >= grouped["MIN_PAIRS"])):
+    min_pairs = grouped["BF16_MIN_PAIRS" if bf16_copies else "MIN_PAIRS"]
+    if grouped_ok and (backend == "grouped" or (backend == "auto" and num_pairs >= min_pairs)):
         return "grouped", grouped
     if interp:
         return "gemm", config_for("moe_gemm", shape, _INTERPRET_GEMM)
@@ -147,7 +156,13 @@ def moe_mxfp4(
 ) -> torch.Tensor:
     """Mixture of experts over packed MXFP4 weights (see MoEWeights); same contract as the twin."""
     mode, cfg = choose_config(
-        topk_ids.numel(), experts.num_local, experts.hidden, experts.inter, backend, grouped_supported(x)
+        topk_ids.numel(),
+        experts.num_local,
+        experts.hidden,
+        experts.inter,
+        backend,
+        grouped_supported(x),
+        experts.has_bf16,
     )
     return moe_mxfp4_launch(x, topk_weights, topk_ids, experts, mode, cfg)
 

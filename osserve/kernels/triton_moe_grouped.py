@@ -4,7 +4,8 @@ Steps (all on the device, no host sync, shapes from tensor shapes only, so CUDA-
 1. pairs (token, expert) in expert order (triton_moe_pairs.align_pairs with BLOCK_M = 1: no padding; pairs
    routed to experts not held here are left out, the slots after the last expert's end hold a sentinel),
    group ends `offs`, the inverse permutation;
-2. the layer's w13 dequantized into a bf16 scratch buffer (triton_mxfp4, twin reference.mxfp4_dequantize);
+2. the layer's w13 dequantized into a bf16 scratch buffer (triton_mxfp4, twin reference.mxfp4_dequantize),
+   or, with moe_config.bf16_experts, the bf16 copy kept since load (no dequantize traffic at all);
 3. `torch._grouped_mm(x[sorted tokens], w13^T, offs)` (CUTLASS grouped GEMM on sm90) -> h [P, 2I];
 4. bias + clamped SwiGLU (even rows gate, odd rows linear) in one Triton kernel -> act [P, I];
 5. w2 dequantized (reusing the freed w13 memory) and the second grouped GEMM -> y [P, H];
@@ -65,8 +66,11 @@ def _bias_swiglu_kernel(
     )
 
 
+# MIN_PAIRS: the crossover from the gemm regime; BF16_MIN_PAIRS: the same with bf16 copies of the experts
+# (no dequantize per call, so the grouped GEMMs win from smaller batches).
 GROUPED_DEFAULT = {
     "MIN_PAIRS": 8192,
+    "BF16_MIN_PAIRS": 1024,
     "SWIGLU_BLOCK_M": 16,
     "SWIGLU_BLOCK_I": 128,
     "COMBINE_BLOCK": 1024,
@@ -74,6 +78,7 @@ GROUPED_DEFAULT = {
 }
 _INTERPRET_GROUPED = {
     "MIN_PAIRS": 32,
+    "BF16_MIN_PAIRS": 16,
     "SWIGLU_BLOCK_M": 8,
     "SWIGLU_BLOCK_I": 32,
     "COMBINE_BLOCK": 64,
@@ -97,7 +102,12 @@ def grouped_launch(
     # NOTE: slots past the last group hold the sentinel num_pairs; clamped, they gather some row that the
     # grouped GEMMs never reach.
     tokens = torch.clamp(lay.slot_pair[:num_pairs] // top_k, max=num_tokens - 1)
-    w = mxfp4_dequantize(experts.w13, experts.w13_scales, torch.bfloat16)
+    # With bf16 copies of the experts (moe_config.bf16_experts) there is nothing to dequantize.
+    w = (
+        experts.w13_bf16
+        if experts.has_bf16
+        else mxfp4_dequantize(experts.w13, experts.w13_scales, torch.bfloat16)
+    )
     h = torch._grouped_mm(x[tokens], w.transpose(1, 2), offs=lay.expert_end)
     del w  # NOTE: frees the w13 scratch before the w2 one is made (the allocator reuses it)
     act = torch.empty((num_pairs, experts.inter), dtype=x.dtype, device=x.device)
@@ -122,7 +132,11 @@ def grouped_launch(
         num_warps=cfg["num_warps"],
     )
     del h
-    w = mxfp4_dequantize(experts.w2, experts.w2_scales, torch.bfloat16)
+    w = (
+        experts.w2_bf16
+        if experts.has_bf16
+        else mxfp4_dequantize(experts.w2, experts.w2_scales, torch.bfloat16)
+    )
     y = torch._grouped_mm(act, w.transpose(1, 2), offs=lay.expert_end)
     del w, act
     return combine_pairs(y, topk_weights, topk_ids, experts, lay.pair_slot, cfg["COMBINE_BLOCK"])

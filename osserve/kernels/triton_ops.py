@@ -14,6 +14,7 @@ from osserve.kernels.triton_attention import paged_attention
 from osserve.kernels.triton_bitmask import apply_token_bitmask_
 from osserve.kernels.triton_common import load_tuned_from_env
 from osserve.kernels.triton_moe import make_moe_op
+from osserve.kernels.triton_mxfp4 import mxfp4_dequantize
 from osserve.kernels.triton_norm import add_rms_norm, rms_norm
 from osserve.kernels.triton_rope import rope_write_kv
 from osserve.kernels.triton_router import route
@@ -42,4 +43,5 @@ def make_ops(attention_backend: str = "auto", moe_backend: str = "auto") -> Kern
         route=route if moe else reference.route,
         graph_safe=attn and moe,
         apply_token_bitmask=apply_token_bitmask_,
+        mxfp4_dequantize=mxfp4_dequantize if moe else reference.mxfp4_dequantize,
     )

@@ -36,6 +36,9 @@ class MoE(nn.Module):
         e0, e1 = expert_range(cfg, parallel)
         i0, i1 = intermediate_range(cfg, parallel)
         self.expert_offset = e0
+        # bf16 copies of the packed experts (keep_bf16_copy); plain attributes, not part of the state dict.
+        self.w13_bf16: torch.Tensor | None = None
+        self.w2_bf16: torch.Tensor | None = None
         num_local, inter, hidden = e1 - e0, i1 - i0, cfg.hidden_size
         self.router = nn.Linear(hidden, cfg.num_local_experts, bias=True, dtype=dtype)
 
@@ -71,7 +74,19 @@ class MoE(nn.Module):
             self.limit,
             self.alpha,
             self.expert_offset,
+            self.w13_bf16,
+            self.w2_bf16,
         )
+
+    def bf16_copy_bytes(self) -> int:
+        if not self.packed:
+            return 0
+        return 2 * 32 * (self.w13_blocks.shape[:3].numel() + self.w2_blocks.shape[:3].numel())
+
+    def keep_bf16_copy(self, dequantize) -> None:
+        """Dequantize the packed experts once and keep the bf16 copy (moe_config.bf16_experts)."""
+        self.w13_bf16 = dequantize(self.w13_blocks, self.w13_scales, torch.bfloat16)
+        self.w2_bf16 = dequantize(self.w2_blocks, self.w2_scales, torch.bfloat16)
 
     def forward(self, x_local: torch.Tensor, ops: KernelOps) -> torch.Tensor:
         # Under attention data parallelism the experts serve the tokens of every rank.

@@ -4,6 +4,8 @@ reference.mxfp4_dequantize, regime choice, CUDA-graph replay."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -127,6 +129,38 @@ def test_moe_expert_parallel_slice(device, mode, bias):
     }[mode]
     out = triton_moe.moe_mxfp4_launch(*inp.args(), mode=mode.split("-")[0], cfg=cfg)
     assert_close(out, _reference(inp), f"moe EP {mode}")
+
+
+def _with_bf16_copies(inp):
+    e = inp.experts
+    copies = (
+        reference.mxfp4_dequantize(e.w13, e.w13_scales, torch.bfloat16),
+        reference.mxfp4_dequantize(e.w2, e.w2_scales, torch.bfloat16),
+    )
+    return dataclasses.replace(inp, experts=dataclasses.replace(e, w13_bf16=copies[0], w2_bf16=copies[1]))
+
+
+@pytest.mark.parametrize(
+    "shape", SHAPES[:2] if INTERPRET else SHAPES[1:], ids=lambda s: "x".join(map(str, s))
+)
+@pytest.mark.parametrize("skew", [0.0, 3.0])
+def test_moe_grouped_on_bf16_copies(device, shape, skew):
+    """moe_config.bf16_experts: the grouped path multiplies the kept bf16 copies (no dequantize) and gives
+    the twin's result; with them `auto` takes the grouped path from BF16_MIN_PAIRS on."""
+    h, i, e, k = shape
+    grouped = triton_moe._INTERPRET_GROUPED if INTERPRET else triton_moe.GROUPED_DEFAULT
+    num_tokens = max(grouped["BF16_MIN_PAIRS"] // k, 5)
+    inp = _with_bf16_copies(moe_inputs(num_tokens, h, i, e, k, torch.bfloat16, device, seed=e, skew=skew))
+    mode, _ = triton_moe.choose_config(num_tokens * k, e, h, i, "auto", True, inp.experts.has_bf16)
+    assert mode == "grouped"
+    # The copies are what is multiplied: poison the packed blocks, the result stays the twin's.
+    ref = _reference(inp)
+    inp.experts.w13.zero_()
+    inp.experts.w2.zero_()
+    out = triton_moe.moe_mxfp4(*inp.args())
+    assert_close(out, ref, f"moe grouped on bf16 copies T={num_tokens}")
+    below = triton_moe.choose_config(grouped["BF16_MIN_PAIRS"] - 1, e, h, i, "auto", True, True)[0]
+    assert below != "grouped"
 
 
 @pytest.mark.parametrize("backend", ["triton", "grouped"])
