@@ -326,7 +326,7 @@ class MoeConfig:
     backend: str = "auto"
     # Keep a bf16 copy of the packed experts beside them, so that large batches run the grouped bf16 GEMMs
     # with no per-step dequantize (memory for speed: gpt-oss-20b's copy is 38 GB). None (default): on for
-    # packed experts on CUDA when the copy takes at most a quarter of the GPU's memory (20b on an H200, not
+    # packed experts on CUDA when the copy takes at most a third of the GPU's memory (20b on an H200, not
     # on an 80 GB H100, never 120b).
     bf16_experts: bool | None = None
 

@@ -115,7 +115,12 @@ class ModelRunner:
         mlps = [layer.mlp for layer in self.model.layers]
         need = sum(m.bf16_copy_bytes() for m in mlps)
         total = torch.cuda.get_device_properties(self.device).total_memory
-        if moe.bf16_experts is None and need > total // 4:
+        if moe.bf16_experts is None and need > total // 3:
+            logger.info(
+                "no bf16 copies of the experts: they would take %.1f GB, over a third of the GPU "
+                "(moe_config.bf16_experts true keeps them anyway)",
+                need / 1e9,
+            )
             return 0
         start = time.perf_counter()
         for m in mlps:
