@@ -186,24 +186,13 @@ class ModelRunner:
         start = time.perf_counter()
         budget = self.config.max_num_tokens
         if sizes is None:
-            sizes = sorted(
-                {n for n in (budget, budget // 2, 1000, 500, 100, 17) if 1 < n <= budget}, reverse=True
-            )
-        # Steps of the first burst of traffic hold several prompts beside decode rows with context; Triton
-        # specializes integer arguments (1, multiples of 16, other), so such mixed batches compile variants
-        # that one prompt alone does not.
-        mixed = [[(0, max(1, budget // 9))] * 7 + [(budget // 8, 1)] * 33, [(0, 64)] * 16 + [(64, 1)] * 16]
-        for seqs in [*sizes, *(m for m in mixed if sum(new for _, new in m) <= budget)]:
-            batch = null_block_batch(seqs, self.block_size, self.model_config.sliding_window, self.device)
+            sizes = sorted({n for n in (budget, budget // 2, 1000, 100, 17) if 1 < n <= budget}, reverse=True)
+        for n in sizes:
+            batch = null_block_batch(n, self.block_size, self.model_config.sliding_window, self.device)
             self.model.compute_logits(self.model(batch, self.kv_caches)[batch.logits_indices])
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        logger.info(
-            "warmed up prefill sizes %s and %d mixed batches in %.1f s",
-            sizes,
-            len(mixed),
-            time.perf_counter() - start,
-        )
+        logger.info("warmed up prefill sizes %s in %.1f s", sizes, time.perf_counter() - start)
         return sizes
 
     def capture_cuda_graphs(self) -> None:

@@ -72,44 +72,31 @@ class ForwardBatch:
 
 
 def null_block_batch(
-    num_tokens: int | list[tuple[int, int]],
-    block_size: int,
-    sliding_window: int,
-    device: torch.device | str,
-    real: bool = True,
+    num_tokens: int, block_size: int, sliding_window: int, device: torch.device | str, real: bool = True
 ) -> ForwardBatch:
-    """Sequences whose K/V all go to the null block 0, which no live sequence reads: the startup warm-up
-    forwards, and an attention-DP rank's idle forward (`real` False: no row is sampled and the batch counts
-    as no tokens). num_tokens: one sequence of that many tokens, or (context, new tokens) per sequence (a
-    mixed step: prompts beside decode rows); token ids 0, positions from the context on."""
-    seqs = [(0, num_tokens)] if isinstance(num_tokens, int) else num_tokens
-    news = [new for _, new in seqs]
-    ends = [ctx + new for ctx, new in seqs]
-    total = sum(news)
+    """One sequence of `num_tokens` tokens (ids 0, positions from 0) whose K/V all go to the null block 0,
+    which no live sequence reads: the startup warm-up forwards, and an attention-DP rank's idle forward
+    (`real` False: no row is sampled and the batch counts as no tokens)."""
 
     def t(values: list[int], dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=device)
 
-    positions = torch.cat([torch.arange(ctx, ctx + new, dtype=torch.int64) for ctx, new in seqs])
-    positions = positions.to(device)
+    positions = torch.arange(num_tokens, dtype=torch.int64, device=device)
     slots = positions % block_size
-    table = torch.zeros((len(seqs), -(-max(ends) // block_size)), dtype=torch.int32, device=device)
-    starts = [0]
-    for new in news:
-        starts.append(starts[-1] + new)
+    table = torch.zeros((1, -(-num_tokens // block_size)), dtype=torch.int32, device=device)
     return ForwardBatch(
-        input_ids=torch.zeros(total, dtype=torch.int64, device=device),
+        input_ids=torch.zeros(num_tokens, dtype=torch.int64, device=device),
         positions=positions,
-        query_start_loc=t(starts, torch.int32),
-        query_start_loc_cpu=starts,
-        seq_lens=t(ends, torch.int32),
-        seq_lens_cpu=ends,
+        query_start_loc=t([0, num_tokens], torch.int32),
+        query_start_loc_cpu=[0, num_tokens],
+        seq_lens=t([num_tokens], torch.int32),
+        seq_lens_cpu=[num_tokens],
         full_block_table=table,
         sliding_block_table=table,
         full_slot_mapping=slots,
         sliding_slot_mapping=slots,
-        logits_indices=t([e - 1 for e in starts[1:]] if real else [], torch.int64),
+        logits_indices=t([num_tokens - 1] if real else [], torch.int64),
         sliding_window=sliding_window,
-        num_tokens=total if real else 0,
-        max_query_len=max(news),
+        num_tokens=num_tokens if real else 0,
+        max_query_len=num_tokens,
     )
