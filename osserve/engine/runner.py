@@ -150,18 +150,7 @@ class ModelRunner:
         c = self.model_config
         per_token = 16 * c.hidden_size + 4 * c.intermediate_size * c.num_experts_per_tok + 2 * c.q_size
         logits = self.config.max_batch_size * c.vocab_size * 4 * 6
-        return max_num_tokens * per_token * 4 + logits + self._moe_scratch_bytes() + (256 << 20)
-
-    def _moe_scratch_bytes(self) -> int:
-        """The grouped MoE path's bf16 dequantize buffer (one layer's w13; w2's reuses it). Left out of the
-        reserve, the KV cache took that room and every large step's allocation went through a cudaFree of
-        the cache, a device-wide sync (run 23: 120b prefill steps spent ~250 ms "host" waiting on it)."""
-        if not getattr(self.model, "packed_experts", False) or self.bf16_expert_bytes:
-            return 0
-        if self.config.moe_config.backend not in ("auto", "grouped"):
-            return 0
-        num_local, two_inter, groups, _ = self.model.layers[0].mlp.w13_blocks.shape
-        return num_local * two_inter * groups * 32 * 2
+        return max_num_tokens * per_token * 4 + logits + (256 << 20)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         attn = self.model.layers[0].self_attn
