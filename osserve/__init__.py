@@ -9,7 +9,7 @@ __all__ = ["LLM", "SamplingParams"]
 def __getattr__(name: str):
     # LLM pulls in the whole engine; import it only when asked for.
     if name == "LLM":
-        from osserve.engine.llm import LLM
+        from osserve.llm import LLM
 
         return LLM
     raise AttributeError(name)

@@ -76,7 +76,7 @@ if has check; then
   log "NIXL on this machine" | tee -a $SUM
   python3 - <<'PY' 2>&1 | tee -a $SUM
 import torch
-from osserve.distributed.disagg.kv_nixl import import_nixl
+from osserve.disagg.kv_nixl import import_nixl
 nixl = import_nixl()
 assert nixl is not None, "NIXL not installed: carry the nixl-cu13 wheel in .whl/"
 agent = nixl.nixl_agent("probe", nixl.nixl_agent_config(backends=["UCX"]))

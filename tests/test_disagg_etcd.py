@@ -27,8 +27,8 @@ from disagg_util import (
 )
 from live import free_port
 
-from osserve.distributed.disagg.discovery import EtcdRegistry, Registration, RegistryError, workers_prefix
-from osserve.distributed.disagg.kv_nixl import import_nixl
+from osserve.disagg.discovery import EtcdRegistry, Registration, RegistryError, workers_prefix
+from osserve.disagg.kv_nixl import import_nixl
 
 ETCD = shutil.which("etcd")
 pytestmark = [

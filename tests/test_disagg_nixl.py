@@ -39,7 +39,7 @@ from disagg_util import (
 )
 from live import free_port
 
-from osserve.distributed.disagg.kv_nixl import (
+from osserve.disagg.kv_nixl import (
     NixlPool,
     NixlRead,
     PoolInfo,

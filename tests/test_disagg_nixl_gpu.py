@@ -12,7 +12,7 @@ import yaml
 from disagg_util import MODEL_NAME, complete, completion_prompts, endpoints, run, spawn, stop, wait_health
 from live import free_port
 
-from osserve.distributed.disagg.kv_nixl import import_nixl
+from osserve.disagg.kv_nixl import import_nixl
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="KV transfer between GPU workers needs a GPU"),

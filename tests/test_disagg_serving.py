@@ -33,7 +33,7 @@ from disagg_util import (
 )
 from live import free_port
 
-from osserve.distributed.disagg.kv_nixl import import_nixl
+from osserve.disagg.kv_nixl import import_nixl
 
 LEASE_TTL = 3.0
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]

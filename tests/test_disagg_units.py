@@ -13,14 +13,14 @@ import pytest
 import torch
 import zmq.asyncio
 
-from osserve.distributed.disagg.discovery import (
+from osserve.disagg.discovery import (
     MemoryRegistry,
     Registration,
     RegistryServer,
     RemoteRegistry,
     workers_prefix,
 )
-from osserve.distributed.disagg.protocol import (
+from osserve.disagg.protocol import (
     Generate,
     Output,
     decode,
@@ -28,7 +28,7 @@ from osserve.distributed.disagg.protocol import (
     params_from_wire,
     params_to_wire,
 )
-from osserve.distributed.disagg.router import Router, overlap
+from osserve.disagg.router import Router, overlap
 from osserve.engine.kv_cache import block_hashes
 from osserve.engine.outputs import CompletionOutput, RequestOutput
 from osserve.sampling_params import OutputKind, SamplingParams
@@ -152,14 +152,14 @@ def test_remote_engine_over_a_both_worker(tiny_ckpt, monkeypatch):
     """Aggregated serving through the frontend's engine: n > 1, every output kind, logprobs, and an abort
     that frees the worker's blocks, all equal to the engine in this process. NIXL is made unimportable: the
     worker serves all the same, its KV over ZeroMQ only."""
-    from osserve.distributed.disagg.kv_nixl import NIXL_MODULES, import_nixl
+    from osserve.disagg.kv_nixl import NIXL_MODULES, import_nixl
 
     for name in NIXL_MODULES:
         monkeypatch.setitem(sys.modules, name, None)  # `import name` raises ImportError
     assert import_nixl() is None
     from osserve.config import EngineConfig
-    from osserve.distributed.disagg.remote_engine import FrontendSettings, RemoteEngine
-    from osserve.distributed.disagg.worker import Worker, WorkerOptions
+    from osserve.disagg.remote_engine import FrontendSettings, RemoteEngine
+    from osserve.disagg.worker import Worker, WorkerOptions
     from osserve.engine.factory import build_engine
     from osserve.engine.llm_engine import LLMEngine
     from osserve.harmony.encoding import get_tokenizer
@@ -258,8 +258,8 @@ def test_remote_engine_over_a_both_worker(tiny_ckpt, monkeypatch):
 
 
 def test_deployment_file(tmp_path):
-    from osserve.distributed.disagg.launcher import Deployment, is_multi_process, parse_deployment
-    from osserve.distributed.disagg.remote_engine import FrontendSettings
+    from osserve.disagg.launcher import Deployment, is_multi_process, parse_deployment
+    from osserve.disagg.remote_engine import FrontendSettings
 
     single = tmp_path / "single.yaml"
     single.write_text("model: m\nworkers: [{role: both, runtime: {max_batch_size: 8}}]\n")
@@ -310,7 +310,7 @@ def test_deployment_file(tmp_path):
 
 
 def test_an_unknown_kv_transport_is_refused_naming_the_valid_ones():
-    from osserve.distributed.disagg.worker import WorkerOptions
+    from osserve.disagg.worker import WorkerOptions
 
     with pytest.raises(ValueError, match="kv_transport is 'ucx'; allowed: auto, zmq, nixl"):
         WorkerOptions(role="decode", registry="tcp://127.0.0.1:1", kv_transport="ucx")

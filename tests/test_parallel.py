@@ -21,8 +21,7 @@ from helpers import run_requests
 
 from osserve.config import EngineConfig
 from osserve.distributed import launcher
-from osserve.distributed.launcher import RankFailedError
-from osserve.engine.factory import build_engine
+from osserve.distributed.launcher import RankFailedError, make_engine
 from osserve.engine.llm_engine import LLMEngine
 from osserve.harmony.encoding import get_tokenizer
 from osserve.sampling_params import SamplingParams
@@ -64,7 +63,7 @@ def one_thread():
 
 @contextmanager
 def parallel_engine(ckpt, **opts):
-    core, _ = build_engine(EngineConfig.from_dict({"model": str(ckpt), **BASE, **opts}), progress=False)
+    core, _ = make_engine(EngineConfig.from_dict({"model": str(ckpt), **BASE, **opts}), progress=False)
     try:
         yield LLMEngine(core, get_tokenizer())
     finally:
@@ -75,7 +74,7 @@ def parallel_engine(ckpt, **opts):
 def reference(tiny_ckpt):
     prompts, params = workload()
     with one_thread():
-        core, _ = build_engine(EngineConfig.from_dict({"model": str(tiny_ckpt), **BASE}), progress=False)
+        core, _ = make_engine(EngineConfig.from_dict({"model": str(tiny_ckpt), **BASE}), progress=False)
         single_params = {n: p.numel() * p.element_size() for n, p in core.runner.model.named_parameters()}
         return prompts, params, run(LLMEngine(core, get_tokenizer()), prompts, params), single_params
 
@@ -140,7 +139,7 @@ def test_tensor_and_expert_parallel_match_one_rank(tiny_ckpt, reference, opts):
 
 def test_attention_data_parallel_matches_one_rank(tiny_ckpt, reference, monkeypatch, caplog):
     """DEP2 through the offline LLM API: requests spread over both ranks' schedulers, MoE shared."""
-    from osserve.engine.llm import LLM
+    from osserve.llm import LLM
 
     # Ranks whose collectives stopped lining up fail in a minute rather than hang.
     monkeypatch.setenv("OSSERVE_DIST_TIMEOUT_S", "60")
@@ -233,8 +232,8 @@ def test_worker_exits_when_rank0_dies(tiny_ckpt, tmp_path):
     """Rank 0 killed outright (no cleanup): its worker must not be left running."""
     script = (
         "import sys, time; from osserve.config import EngineConfig; from osserve.distributed import launcher\n"
-        "from osserve.engine.factory import build_engine\n"
-        f"build_engine(EngineConfig.from_dict({{'model': {str(tiny_ckpt)!r}, 'moe_expert_parallel_size': 2, "
+        "from osserve.distributed.launcher import make_engine\n"
+        f"make_engine(EngineConfig.from_dict({{'model': {str(tiny_ckpt)!r}, 'moe_expert_parallel_size': 2, "
         f"**{BASE!r}}}), progress=False)\n"
         "print(*[p.pid for p in launcher.current_launch().procs.values()], flush=True)\n"
         "time.sleep(600)\n"
@@ -264,9 +263,9 @@ def test_torchrun_ranks_match_one_rank(tiny_ckpt, reference, tmp_path):
         "if os.environ['RANK'] != '0':\n"
         "    from osserve.distributed.worker import main; sys.exit(main())\n"
         "from osserve.config import EngineConfig; from osserve.distributed import launcher\n"
-        "from osserve.engine.factory import build_engine; from osserve.sampling_params import SamplingParams\n"
+        "from osserve.distributed.launcher import make_engine; from osserve.sampling_params import SamplingParams\n"
         "from osserve.engine.llm_engine import LLMEngine\n"
-        f"core, _ = build_engine(EngineConfig.from_dict({{'model': {str(tiny_ckpt)!r}, 'tensor_parallel_size': 2, "
+        f"core, _ = make_engine(EngineConfig.from_dict({{'model': {str(tiny_ckpt)!r}, 'tensor_parallel_size': 2, "
         f"'moe_expert_parallel_size': 2, **{BASE!r}}}), progress=False)\n"
         "core = LLMEngine(core)\n"
         f"prompts = {prompts!r}\n"
@@ -307,18 +306,18 @@ def test_bad_layouts_fail_before_any_process_starts(tiny_ckpt):
     with pytest.raises(
         ValueError, match=r"tensor_parallel_size \(4\) must divide num_key_value_heads \(2\); allowed: 1, 2"
     ):
-        build_engine(
+        make_engine(
             EngineConfig.from_dict({"model": str(tiny_ckpt), "tensor_parallel_size": 4}), progress=False
         )
     with pytest.raises(ValueError, match="must be 1 or the world size"):
-        build_engine(
+        make_engine(
             EngineConfig.from_dict(
                 {"model": str(tiny_ckpt), "tensor_parallel_size": 2, "moe_expert_parallel_size": 4}
             ),
             progress=False,
         )
     with pytest.raises(ValueError, match="more than the model's experts"):
-        build_engine(
+        make_engine(
             EngineConfig.from_dict({"model": str(tiny_ckpt), "moe_expert_parallel_size": 16}), progress=False
         )
     assert launcher.current_launch() is None
@@ -350,6 +349,6 @@ def test_random_model_spec_runs_parallel(reference):
     with one_thread(), parallel_engine("random:tiny", tensor_parallel_size=2) as core:
         assert_same_outputs(run(core, prompts, params), ref_done)
     with pytest.raises(ValueError, match="must divide num_key_value_heads"):
-        build_engine(
+        make_engine(
             EngineConfig.from_dict({"model": "random:tiny", "tensor_parallel_size": 4}), progress=False
         )

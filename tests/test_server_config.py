@@ -16,8 +16,8 @@ import yaml
 from live import ROOT, SERVED_NAME, start_cli_server, stop_cli_server
 
 from osserve.cli import build_parser
+from osserve.serve import resolve
 from osserve.server.deploy import parse_deploy
-from osserve.server.serve import resolve
 
 
 def serve_args(*argv: str):  # noqa: ANN201

@@ -33,7 +33,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from osserve.engine.llm import LLM
+    from osserve.llm import LLM
 
     options = json.loads(args.engine_options)
     llm = LLM(model=args.model, **options)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from osserve.distributed import launcher
-from osserve.engine.llm import LLM
+from osserve.llm import LLM
 from osserve.sampling_params import SamplingParams
 
 # The PyTorch reference path: PyTorch attention and MoE, no CUDA graphs.

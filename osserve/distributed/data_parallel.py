@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -34,9 +34,11 @@ logger = logging.getLogger(__name__)
 class StepSync:
     """forward_sync of every attention-DP rank: share token counts, then run the forward inside dp_step."""
 
-    def __init__(self, rank: int):
+    def __init__(self, rank: int, check_ranks: Callable[[], None] | None = None):
         self.rank = rank
         self.num_forwards = 0
+        # Rank 0's: raises RankFailedError if a rank failed (the engine loop asks while idle).
+        self.check_ranks = check_ranks
 
     @contextmanager
     def __call__(self, batch: ForwardBatch) -> Iterator[None]:
@@ -98,7 +100,7 @@ class DataParallelEngine:
         self.vocab_size = core.vocab_size
         self.num_steps = 0
         self.step_s = 0.0  # wall seconds inside step(), every rank's forward included
-        self.sync = StepSync(0)
+        self.sync = StepSync(0, launch.check)
         core.runner.forward_sync = self.sync
         # Unfinished requests by first handle: [rank, handles, samples not finished yet].
         self.requests: dict[int, list] = {}

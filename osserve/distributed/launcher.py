@@ -1,6 +1,6 @@
 """Start a parallel engine: this process becomes rank 0, ranks 1..N-1 are worker processes.
 
-`build_engine` lands here when the config asks for more than one rank. Two ways to get the other ranks:
+`make_engine` lands here when the config asks for more than one rank. Two ways to get the other ranks:
 - spawned here (one host): `python -m osserve.distributed.worker` once per rank, rendezvous on a TCPStore
   this process opens on a free port; a monitor thread watches the children;
 - started by torchrun (one or more hosts): RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT in the
@@ -150,6 +150,16 @@ def _stop(procs: dict[int, subprocess.Popen]) -> None:
         p.wait()
 
 
+def make_engine(config: EngineConfig, progress: bool = True) -> tuple[Any, str]:
+    """An engine for any config, and the model name it serves: built here for one rank, else rank 0 of a
+    parallel engine whose other ranks start here (launch_engine)."""
+    from osserve.engine.factory import build_engine
+
+    if ParallelConfig.from_engine_config(config).is_distributed:
+        return launch_engine(config, progress)
+    return build_engine(config, progress=progress)
+
+
 def launch_engine(config: EngineConfig, progress: bool) -> tuple[Any, str]:
     """Start every rank of the parallel engine `config` asks for; returns rank 0's engine and model name."""
     from osserve.engine.factory import build_engine, resolve_device
@@ -205,7 +215,9 @@ def launch_engine(config: EngineConfig, progress: bool) -> tuple[Any, str]:
                 },
                 startup=True,
             )
-            core, name = build_engine(config, parallel=parallel.with_rank(0), progress=progress)
+            core, name = build_engine(
+                config, parallel=parallel.with_rank(0), progress=progress, agree_blocks=comm.min_over_ranks
+            )
             launch.rank_info = comm.gather_to_rank0(rank_info(core, 0), startup=True) or []
         launch.start_heartbeat()
         for info in launch.rank_info:
@@ -246,6 +258,10 @@ class BatchSender:
 
     def __init__(self, launch: Launch):
         self.launch = launch
+
+    def check_ranks(self) -> None:
+        """Raise RankFailedError if a rank failed (the engine loop asks while idle)."""
+        self.launch.check()
 
     @contextmanager
     def __call__(self, batch: Any) -> Iterator[None]:

@@ -26,10 +26,9 @@ def main() -> int:
         from osserve.distributed.worker import main as worker_main
 
         return worker_main()
-    from osserve.cli import main as cli_main
-
-    cli_main(sys.argv[1:])
-    return 0
+    # Rank 0 becomes the osserve command itself (same environment: its engine finds RANK / WORLD_SIZE).
+    os.execv(sys.executable, [sys.executable, "-m", "osserve", *sys.argv[1:]])
+    return 0  # not reached
 
 
 if __name__ == "__main__":

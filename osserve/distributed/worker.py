@@ -93,7 +93,7 @@ def main() -> int:
         from osserve.distributed.launcher import rank_info
         from osserve.engine.factory import build_engine
 
-        core, _ = build_engine(config, parallel=parallel, progress=False)
+        core, _ = build_engine(config, parallel=parallel, progress=False, agree_blocks=comm.min_over_ranks)
         comm.gather_to_rank0(rank_info(core, rank), startup=True)
         if parallel.attention_dp:
             from osserve.distributed.data_parallel import serve_rank

@@ -298,6 +298,7 @@ class AsyncEngine:
         return self.core
 
     def _build(self) -> tuple[EngineCore, str]:
+        """core_factory, or a one-rank engine (the server passes one that also builds parallel engines)."""
         if self._factory is not None:
             return self._factory()
         from osserve.engine.factory import build_engine
@@ -414,16 +415,11 @@ class ProgressLog:
 
 
 def _check_parallel_ranks(core: Any) -> None:
-    """Raise if this engine is a parallel one whose ranks failed."""
-    # NOTE: the launch registry is process-wide; only an engine whose forwards are synchronised across
-    # ranks belongs to it (another engine in the same process must not inherit a stale failure).
-    if getattr(core.runner, "forward_sync", None) is None:
-        return
-    from osserve.distributed.supervisor import current_launch
-
-    launch = current_launch()
-    if launch is not None:
-        launch.check()
+    """Raise if this engine is a parallel one whose ranks failed: the forward_sync that osserve.distributed
+    installs on rank 0 knows its launch (`check_ranks`)."""
+    check = getattr(getattr(core.runner, "forward_sync", None), "check_ranks", None)
+    if check is not None:
+        check()
 
 
 def _run_call(call: _Call, core: Any) -> None:

@@ -56,8 +56,17 @@ _ENCODER = msgspec.msgpack.Encoder()
 class ProcessEngine(AsyncEngine):
     """AsyncEngine over an EngineCore in a child process; see the module docstring."""
 
-    def __init__(self, config: EngineConfig, tokenizer: Tokenizer | None = None):
+    def __init__(
+        self,
+        config: EngineConfig,
+        tokenizer: Tokenizer | None = None,
+        builder: Callable[[EngineConfig], tuple[Any, str]] | None = None,
+    ):
+        """builder: what the child builds its engine with, a module-level function (it is pickled by name);
+        default: a one-rank engine (osserve.engine.factory.build_engine); the server passes
+        osserve.distributed.launcher.make_engine, which also starts the ranks of a parallel engine."""
         super().__init__(config, tokenizer)
+        self._builder = builder
         self.process: mp.process.BaseProcess | None = None
         self._info: tuple[int, int] | None = None  # the child's (vocab_size, max_seq_len)
         self._stopping = False
@@ -148,7 +157,7 @@ class ProcessEngine(AsyncEngine):
         # NOTE: not daemonic: a parallel engine starts rank processes of its own from the child.
         proc = ctx.Process(
             target=_child_main,
-            args=(self.config, to_addr, from_addr, logging.getLogger().getEffectiveLevel()),
+            args=(self.config, to_addr, from_addr, logging.getLogger().getEffectiveLevel(), self._builder),
             name="osserve-engine-core",
         )
         proc.start()
@@ -207,7 +216,13 @@ class ProcessEngine(AsyncEngine):
                 return sock.recv_multipart(copy=True) if sock.poll(100) else None
 
 
-def _child_main(config: EngineConfig, inbox_addr: str, outbox_addr: str, log_level: int) -> None:
+def _child_main(
+    config: EngineConfig,
+    inbox_addr: str,
+    outbox_addr: str,
+    log_level: int,
+    builder: Callable[[EngineConfig], tuple[Any, str]] | None = None,
+) -> None:
     """The engine process: build the engine, then drain, step and report until told to stop."""
     logging.basicConfig(
         level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
@@ -221,10 +236,10 @@ def _child_main(config: EngineConfig, inbox_addr: str, outbox_addr: str, log_lev
     outbox.setsockopt(zmq.LINGER, 2000)
     outbox.setsockopt(zmq.SNDHWM, 0)
     outbox.connect(outbox_addr)
-    from osserve.engine.factory import build_engine
-
+    if builder is None:
+        from osserve.engine.factory import build_engine as builder
     try:
-        core, name = build_engine(config)
+        core, name = builder(config)
     except Exception as e:  # noqa: BLE001 - any load failure is reported to the server, with the reason
         logger.debug("engine failed to load", exc_info=True)
         outbox.send_multipart([b"dead", _ENCODER.encode(f"{type(e).__name__}: {e}")])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -80,13 +81,16 @@ def build_engine(
     config: EngineConfig,
     parallel: ParallelConfig | None = None,
     progress: bool = True,
+    agree_blocks: Callable[[int], int] | None = None,
 ) -> tuple[EngineCore, str]:
-    """Returns the engine and the model name it serves."""
+    """One rank's engine and the model name it serves. A config of several ranks needs `parallel` (this
+    rank's place) and `agree_blocks` (the smallest KV pool any rank can hold): osserve.distributed passes
+    both; `osserve.distributed.launcher.make_engine` builds an engine for any config."""
     if parallel is None and ParallelConfig.from_engine_config(config).is_distributed:
-        # One process per rank: this one becomes rank 0 and starts the others (osserve/distributed/).
-        from osserve.distributed.launcher import launch_engine
-
-        return launch_engine(config, progress)
+        raise ValueError(
+            f"the config asks for {ParallelConfig.from_engine_config(config).describe()}: build it with "
+            "osserve.distributed.launcher.make_engine, which starts the other ranks"
+        )
     device = resolve_device(config)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
@@ -117,10 +121,10 @@ def build_engine(
     runner = ModelRunner(model, config, device, block_size, max_seq_len)
     num_blocks = num_kv_blocks(config, runner, device)
     if parallel is not None and parallel.is_distributed:
-        from osserve.distributed.comm import min_over_ranks
-
+        if agree_blocks is None:
+            raise ValueError("a rank of a parallel engine needs agree_blocks (osserve.distributed passes it)")
         # Every rank's pool must hold the same blocks: rank 0's bookkeeping addresses them all.
-        num_blocks = min_over_ranks(num_blocks)
+        num_blocks = agree_blocks(num_blocks)
     runner.allocate_kv_cache(num_blocks)
     runner.warm_up()
     runner.capture_cuda_graphs()

@@ -8,6 +8,7 @@ process runs it (graceful drain on SIGTERM, exit when the engine dies) is osserv
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import logging
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from osserve import __version__
 from osserve.config import EngineConfig
+from osserve.distributed.launcher import make_engine
 from osserve.engine.async_engine import AsyncEngine, EngineClient
 from osserve.engine.engine import EngineCore
 from osserve.server.chat import create_chat_completion
@@ -150,8 +152,9 @@ def create_app(
     engine: EngineClient | None = None,
     shutdown_timeout: float = 30.0,
 ) -> FastAPI:
-    """The server app for one model. The engine loads in the background once the app starts
-    (`core_factory`, if given, replaces `build_engine`: tests use it to hold or fail the load).
+    """The server app for one model. The engine loads in the background once the app starts, built by
+    `make_engine` (one rank, or rank 0 of a parallel engine); `core_factory`, if given, replaces it (tests use
+    it to hold or fail the load).
 
     `engine`: any EngineClient (the disaggregated frontend passes one that routes to remote workers);
     default: a ProcessEngine (engine loop in a child process) or an AsyncEngine in this process.
@@ -159,9 +162,10 @@ def create_app(
     if engine is None and core_factory is None and _engine_in_own_process(config):
         from osserve.engine.engine_process import ProcessEngine
 
-        engine = ProcessEngine(config, tokenizer or load_tokenizer())
+        engine = ProcessEngine(config, tokenizer or load_tokenizer(), make_engine)
     elif engine is None:
-        engine = AsyncEngine(config, tokenizer or load_tokenizer(), core_factory)
+        factory = core_factory or functools.partial(make_engine, config)
+        engine = AsyncEngine(config, tokenizer or load_tokenizer(), factory)
     state = ServerState(config, engine, served_name(config), api_key, max_queue_len, request_hook)
     state.shutdown_timeout = shutdown_timeout
 

@@ -15,8 +15,8 @@ from test_parallel import assert_same_outputs, run, workload
 from osserve.bench.parity import compare, verdict
 from osserve.config import EngineConfig
 from osserve.distributed import launcher
-from osserve.engine.factory import build_engine
-from osserve.engine.llm import LLM
+from osserve.distributed.launcher import make_engine
+from osserve.llm import LLM
 
 NUM_GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 pytestmark = pytest.mark.skipif(NUM_GPUS < 2, reason="needs 2 CUDA GPUs")
@@ -36,7 +36,7 @@ EXACT = {
 @pytest.fixture(scope="module")
 def one_gpu(tiny_ckpt):
     prompts, params = workload()
-    core, _ = build_engine(EngineConfig.from_dict({"model": str(tiny_ckpt), **EXACT}), progress=False)
+    core, _ = make_engine(EngineConfig.from_dict({"model": str(tiny_ckpt), **EXACT}), progress=False)
     return prompts, params, run(core, prompts, params)
 
 
@@ -55,7 +55,7 @@ def one_gpu(tiny_ckpt):
 )
 def test_nccl_layouts_match_one_gpu(tiny_ckpt, one_gpu, opts):
     prompts, params, ref = one_gpu
-    core, _ = build_engine(EngineConfig.from_dict({"model": str(tiny_ckpt), **EXACT, **opts}), progress=False)
+    core, _ = make_engine(EngineConfig.from_dict({"model": str(tiny_ckpt), **EXACT, **opts}), progress=False)
     try:
         devices = [i["device"] for i in launcher.current_launch().rank_info]
         assert devices == [f"cuda:{r}" for r in range(len(devices))]

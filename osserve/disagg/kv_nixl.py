@@ -36,8 +36,8 @@ import numpy as np
 import torch
 import zmq.asyncio
 
-from osserve.distributed.disagg.kv_transfer import FetchResult, KVTransferError, KVTransport
-from osserve.distributed.disagg.protocol import KVSource
+from osserve.disagg.kv_transfer import FetchResult, KVTransferError, KVTransport
+from osserve.disagg.protocol import KVSource
 from osserve.engine.async_engine import AsyncEngine, EngineDeadError
 from osserve.engine.engine import EngineCore
 from osserve.engine.handoff import KVHandoff, ReservedBlocks

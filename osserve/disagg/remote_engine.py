@@ -27,10 +27,10 @@ from typing import Any
 
 import zmq.asyncio
 
-from osserve.distributed.disagg.client import Cluster, WorkerClient, WorkerFailed, WorkerLost
-from osserve.distributed.disagg.discovery import EtcdRegistry, MemoryRegistry, Registry, RegistryServer
-from osserve.distributed.disagg.protocol import Generate, Handoff, KVSource, params_to_wire
-from osserve.distributed.disagg.router import Router
+from osserve.disagg.client import Cluster, WorkerClient, WorkerFailed, WorkerLost
+from osserve.disagg.discovery import EtcdRegistry, MemoryRegistry, Registry, RegistryServer
+from osserve.disagg.protocol import Generate, Handoff, KVSource, params_to_wire
+from osserve.disagg.router import Router
 from osserve.engine.async_engine import EngineNotReadyError
 from osserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, merge_completion
 from osserve.sampling_params import OutputKind, SamplingParams

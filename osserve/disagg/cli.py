@@ -7,8 +7,8 @@ import json
 import os
 import sys
 
-from osserve.distributed.disagg.protocol import KV_TRANSPORTS, ROLES
-from osserve.distributed.disagg.router import ROUTER_MODES
+from osserve.disagg.protocol import KV_TRANSPORTS, ROLES
+from osserve.disagg.router import ROUTER_MODES
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -118,9 +118,9 @@ def parse_roles(text: str | None) -> tuple[str, ...] | None:
 
 
 def run_frontend(args: argparse.Namespace) -> int:
-    from osserve.distributed.disagg.frontend import create_frontend_app, serve_app
-    from osserve.distributed.disagg.remote_engine import FrontendSettings
-    from osserve.server.serve import setup_logging
+    from osserve.disagg.frontend import create_frontend_app, serve_app
+    from osserve.disagg.remote_engine import FrontendSettings
+    from osserve.server.lifecycle import setup_logging
 
     try:
         if args.model_tag and args.model and args.model_tag != args.model:
@@ -153,7 +153,7 @@ def run_frontend(args: argparse.Namespace) -> int:
 
 # -- worker -----------------------------------------------------------------------------------------------
 def add_worker_parser(subparsers: argparse._SubParsersAction) -> None:
-    from osserve.cli import add_engine_arguments
+    from osserve.flags import add_engine_arguments
 
     p = subparsers.add_parser(
         "worker",
@@ -247,9 +247,9 @@ def run_worker(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
-    from osserve.cli import engine_options_from_args
     from osserve.config import EngineConfig
-    from osserve.distributed.disagg.worker import Worker, WorkerOptions, check_role_fits_engine, serve_worker
+    from osserve.disagg.worker import Worker, WorkerOptions, check_role_fits_engine, serve_worker
+    from osserve.flags import engine_options_from_args
     from osserve.server.deploy import merge_options
 
     try:

@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from osserve.config import EngineConfig
-from osserve.distributed.disagg.remote_engine import FrontendSettings, RemoteEngine
+from osserve.disagg.remote_engine import FrontendSettings, RemoteEngine
 
 logger = logging.getLogger("osserve.disagg.frontend")
 

@@ -42,10 +42,10 @@ from typing import Any
 import yaml
 
 from osserve.config import EngineConfig
-from osserve.distributed.disagg.protocol import ROLES, check_kv_transport
-from osserve.distributed.disagg.remote_engine import FrontendSettings
-from osserve.distributed.disagg.router import ROUTER_MODES
-from osserve.distributed.disagg.worker import check_role_fits_engine
+from osserve.disagg.protocol import ROLES, check_kv_transport
+from osserve.disagg.remote_engine import FrontendSettings
+from osserve.disagg.router import ROUTER_MODES
+from osserve.disagg.worker import check_role_fits_engine
 from osserve.server.deploy import ENGINE_KEYS, merge_options
 
 logger = logging.getLogger("osserve.disagg.launcher")
@@ -377,8 +377,8 @@ class Deployment:
 def run_deployment(args: argparse.Namespace) -> int:
     """`osserve serve --config FILE` with a multi-process deployment file; flags --host, --port,
     --api-key, --log-level, --max-queue-len override the frontend's settings."""
-    from osserve.distributed.disagg.frontend import create_frontend_app, serve_app
-    from osserve.server.serve import setup_logging
+    from osserve.disagg.frontend import create_frontend_app, serve_app
+    from osserve.server.lifecycle import setup_logging
 
     try:
         spec = parse_deployment(_load(args.config))

@@ -8,8 +8,8 @@ from typing import Any
 from tqdm import tqdm
 
 from osserve.config import EngineConfig
+from osserve.distributed.launcher import make_engine
 from osserve.engine.engine import Tokenizer
-from osserve.engine.factory import build_engine
 from osserve.engine.llm_engine import LLMEngine
 from osserve.engine.outputs import RequestOutput
 from osserve.sampling_params import SamplingParams
@@ -31,7 +31,7 @@ class LLM:
 
             tokenizer = get_tokenizer()
         self.tokenizer = tokenizer
-        core, self.model_name = build_engine(self.config)
+        core, self.model_name = make_engine(self.config)
         self.engine = LLMEngine(core, tokenizer)
         self._next_id = 0
 

@@ -1,4 +1,5 @@
-"""`osserve serve`: one process holding the engine and the OpenAI-compatible HTTP server."""
+"""`osserve serve`: one process holding the engine and the OpenAI-compatible HTTP server, or, for a deployment
+file of several processes (prefill / decode workers, replicas), the disaggregated launcher (osserve/disagg)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import os
 import sys
 from typing import Any
 
-from osserve.cli import add_engine_arguments, engine_options_from_args
 from osserve.config import EngineConfig
+from osserve.flags import add_engine_arguments, engine_options_from_args
 from osserve.server.deploy import load_deploy_file, merge_options
+from osserve.server.lifecycle import setup_logging
 
 logger = logging.getLogger("osserve.server")
 
@@ -124,19 +126,10 @@ def resolve(args: argparse.Namespace) -> tuple[EngineConfig, dict[str, Any]]:
     return EngineConfig.from_dict(engine), server
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        force=True,
-    )
-
-
 def run(args: argparse.Namespace) -> int:
     if args.config:
         # A deployment of several processes (prefill / decode workers, discovery): the launcher runs it.
-        from osserve.distributed.disagg.launcher import is_multi_process, run_deployment
+        from osserve.disagg.launcher import is_multi_process, run_deployment
 
         try:
             multi = is_multi_process(args.config)

@@ -35,7 +35,7 @@ import zmq
 import zmq.asyncio
 
 from osserve.config import EngineConfig
-from osserve.distributed.disagg.discovery import (
+from osserve.disagg.discovery import (
     EtcdRegistry,
     Registration,
     Registry,
@@ -44,10 +44,10 @@ from osserve.distributed.disagg.discovery import (
     bind,
     workers_prefix,
 )
-from osserve.distributed.disagg.kv_import import KVImporter
-from osserve.distributed.disagg.kv_nixl import NixlPool, import_nixl
-from osserve.distributed.disagg.kv_transfer import PULL_TIMEOUT_S, KVServer, KVTransferError
-from osserve.distributed.disagg.protocol import (
+from osserve.disagg.kv_import import KVImporter
+from osserve.disagg.kv_nixl import NixlPool, import_nixl
+from osserve.disagg.kv_transfer import PULL_TIMEOUT_S, KVServer, KVTransferError
+from osserve.disagg.protocol import (
     ROLES,
     Abort,
     Failed,

@@ -20,8 +20,8 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from osserve.distributed.disagg.discovery import Registry, RegistryError, workers_prefix
-from osserve.distributed.disagg.protocol import (
+from osserve.disagg.discovery import Registry, RegistryError, workers_prefix
+from osserve.disagg.protocol import (
     Abort,
     Failed,
     Generate,

@@ -19,9 +19,9 @@ from typing import Any
 
 import zmq.asyncio
 
-from osserve.distributed.disagg.kv_nixl import NixlKVTransport, NixlPool
-from osserve.distributed.disagg.kv_transfer import KVTransferError, KVTransport, TransferStats, ZmqKVTransport
-from osserve.distributed.disagg.protocol import KVSource
+from osserve.disagg.kv_nixl import NixlKVTransport, NixlPool
+from osserve.disagg.kv_transfer import KVTransferError, KVTransport, TransferStats, ZmqKVTransport
+from osserve.disagg.protocol import KVSource
 from osserve.engine.async_engine import AsyncEngine
 from osserve.engine.engine import EngineCore
 from osserve.engine.handoff import HandoffState, KVHandoff, ReservedBlocks
