@@ -14,8 +14,8 @@ import sys
 # Modules with an `add_parser(subparsers)`, in the order `osserve --help` lists them.
 COMMANDS = [
     "osserve.serve",
-    "osserve.disagg.cli",
-    "osserve.bench.cli",
+    "osserve.disagg.role_commands",
+    "osserve.bench.commands",
     "osserve.model.make_checkpoint",
 ]
 

@@ -129,7 +129,7 @@ def resolve(args: argparse.Namespace) -> tuple[EngineConfig, dict[str, Any]]:
 def run(args: argparse.Namespace) -> int:
     if args.config:
         # A deployment of several processes (prefill / decode workers, discovery): the launcher runs it.
-        from osserve.disagg.launcher import is_multi_process, run_deployment
+        from osserve.disagg.deployment import is_multi_process, run_deployment
 
         try:
             multi = is_multi_process(args.config)

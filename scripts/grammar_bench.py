@@ -36,7 +36,7 @@ from osserve.harmony.encoding import (
 from osserve.harmony.formats import ResponseFormat
 from osserve.structured import GrammarMatcher, build_structured, fill_bitmasks
 from osserve.structured.matcher import BITMASK_WIDTH
-from osserve.structured.tokenizer import grammar_tokenizer
+from osserve.structured.vocabulary import grammar_tokenizer
 
 SCHEMA = {
     "type": "object",

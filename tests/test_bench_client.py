@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from osserve.bench.serving import ServeConfig, arrival_offsets, run_sweep
+from osserve.bench.load_generator import ServeConfig, arrival_offsets, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN_GAP_S = 0.002
@@ -273,7 +273,7 @@ def test_stopped_server_cli_reports_and_exits_nonzero(tmp_path):
         [
             sys.executable,
             "-m",
-            "osserve.bench.cli",
+            "osserve.bench.commands",
             "serve",
             "--base-url",
             f"http://127.0.0.1:{port}",
@@ -307,7 +307,7 @@ def test_stopped_server_cli_reports_and_exits_nonzero(tmp_path):
 def test_bad_flags_are_clear_errors(tmp_path):
     def run(*flags):
         return subprocess.run(
-            [sys.executable, "-m", "osserve.bench.cli", "serve", *flags],
+            [sys.executable, "-m", "osserve.bench.commands", "serve", *flags],
             cwd=ROOT,
             capture_output=True,
             text=True,

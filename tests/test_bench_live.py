@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from osserve.bench.serving import ServeConfig, run_sweep
+from osserve.bench.load_generator import ServeConfig, run_sweep
 
 pytestmark = pytest.mark.slow
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from osserve.bench.metrics import RequestRecord, aggregate, meets_slos, parse_goodput, parse_percentiles
+from osserve.bench.aggregate import RequestRecord, aggregate, meets_slos, parse_goodput, parse_percentiles
 from osserve.bench.report import format_run, format_sweep
 
 

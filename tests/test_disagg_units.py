@@ -20,7 +20,7 @@ from osserve.disagg.discovery import (
     RemoteRegistry,
     workers_prefix,
 )
-from osserve.disagg.protocol import (
+from osserve.disagg.messages import (
     Generate,
     Output,
     decode,
@@ -258,7 +258,7 @@ def test_remote_engine_over_a_both_worker(tiny_ckpt, monkeypatch):
 
 
 def test_deployment_file(tmp_path):
-    from osserve.disagg.launcher import Deployment, is_multi_process, parse_deployment
+    from osserve.disagg.deployment import Deployment, is_multi_process, parse_deployment
     from osserve.disagg.remote_engine import FrontendSettings
 
     single = tmp_path / "single.yaml"

@@ -261,7 +261,7 @@ def test_torchrun_ranks_match_one_rank(tiny_ckpt, reference, tmp_path):
     script.write_text(
         "import json, os, sys\n"
         "if os.environ['RANK'] != '0':\n"
-        "    from osserve.distributed.worker import main; sys.exit(main())\n"
+        "    from osserve.distributed.rank_worker import main; sys.exit(main())\n"
         "from osserve.config import EngineConfig; from osserve.distributed import launcher\n"
         "from osserve.distributed.launcher import make_engine; from osserve.sampling_params import SamplingParams\n"
         "from osserve.engine.llm_engine import LLMEngine\n"

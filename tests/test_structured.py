@@ -29,7 +29,7 @@ from osserve.structured import (
     build_structured,
     fill_bitmasks,
 )
-from osserve.structured.tokenizer import grammar_tokenizer
+from osserve.structured.vocabulary import grammar_tokenizer
 
 PERSON = {
     "type": "object",

@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from osserve.bench.metrics import RequestRecord
+from osserve.bench.aggregate import RequestRecord
 
 ENDPOINTS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "responses": "/v1/responses"}
 # Chat delta fields that carry generated text (reasoning is named differently by different servers).

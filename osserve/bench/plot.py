@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from osserve.bench.metrics import METRIC_NAMES, METRICS
+from osserve.bench.aggregate import METRIC_NAMES, METRICS
 
 THROUGHPUT_PNG = "throughput_vs_interactivity.png"
 LATENCY_PNG = "latency_vs_concurrency.png"

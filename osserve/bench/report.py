@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from osserve.bench.metrics import METRIC_NAMES, percentile_key
+from osserve.bench.aggregate import METRIC_NAMES, percentile_key
 
 WIDTH = 60
 

@@ -21,7 +21,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from osserve.disagg.discovery import Registry, RegistryError, workers_prefix
-from osserve.disagg.protocol import (
+from osserve.disagg.messages import (
     Abort,
     Failed,
     Generate,

@@ -28,7 +28,7 @@ import httpx
 import zmq
 import zmq.asyncio
 
-from osserve.disagg.protocol import RegistryCall, RegistryReply, decode, encode
+from osserve.disagg.messages import RegistryCall, RegistryReply, decode, encode
 
 logger = logging.getLogger("osserve.disagg.discovery")
 

@@ -21,7 +21,7 @@ import zmq.asyncio
 
 from osserve.disagg.kv_nixl import NixlKVTransport, NixlPool
 from osserve.disagg.kv_transfer import KVTransferError, KVTransport, TransferStats, ZmqKVTransport
-from osserve.disagg.protocol import KVSource
+from osserve.disagg.messages import KVSource
 from osserve.engine.async_engine import AsyncEngine
 from osserve.engine.engine import EngineCore
 from osserve.engine.handoff import HandoffState, KVHandoff, ReservedBlocks

@@ -37,7 +37,7 @@ import torch
 import zmq.asyncio
 
 from osserve.disagg.kv_transfer import FetchResult, KVTransferError, KVTransport
-from osserve.disagg.protocol import KVSource
+from osserve.disagg.messages import KVSource
 from osserve.engine.async_engine import AsyncEngine, EngineDeadError
 from osserve.engine.engine import EngineCore
 from osserve.engine.handoff import KVHandoff, ReservedBlocks

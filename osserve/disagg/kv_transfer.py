@@ -31,7 +31,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from osserve.disagg.discovery import bind
-from osserve.disagg.protocol import KVReply, KVSource, Pull, Release, decode, encode
+from osserve.disagg.messages import KVReply, KVSource, Pull, Release, decode, encode
 from osserve.engine.async_engine import AsyncEngine
 from osserve.engine.engine import EngineCore
 from osserve.engine.handoff import ExportedKV, KVHandoff, ReservedBlocks

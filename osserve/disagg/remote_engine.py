@@ -29,7 +29,7 @@ import zmq.asyncio
 
 from osserve.disagg.client import Cluster, WorkerClient, WorkerFailed, WorkerLost
 from osserve.disagg.discovery import EtcdRegistry, MemoryRegistry, Registry, RegistryServer
-from osserve.disagg.protocol import Generate, Handoff, KVSource, params_to_wire
+from osserve.disagg.messages import Generate, Handoff, KVSource, params_to_wire
 from osserve.disagg.router import Router
 from osserve.engine.async_engine import EngineNotReadyError
 from osserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, merge_completion

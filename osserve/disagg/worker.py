@@ -47,7 +47,7 @@ from osserve.disagg.discovery import (
 from osserve.disagg.kv_import import KVImporter
 from osserve.disagg.kv_nixl import NixlPool, import_nixl
 from osserve.disagg.kv_transfer import PULL_TIMEOUT_S, KVServer, KVTransferError
-from osserve.disagg.protocol import (
+from osserve.disagg.messages import (
     ROLES,
     Abort,
     Failed,

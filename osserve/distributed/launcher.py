@@ -1,7 +1,7 @@
 """Start a parallel engine: this process becomes rank 0, ranks 1..N-1 are worker processes.
 
 `make_engine` lands here when the config asks for more than one rank. Two ways to get the other ranks:
-- spawned here (one host): `python -m osserve.distributed.worker` once per rank, rendezvous on a TCPStore
+- spawned here (one host): `python -m osserve.distributed.rank_worker` once per rank, rendezvous on a TCPStore
   this process opens on a free port; a monitor thread watches the children;
 - started by torchrun (one or more hosts): RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT in the
   environment, env:// rendezvous; rank 0 runs the osserve command, the others the worker
@@ -117,7 +117,7 @@ def _spawn_workers(
     procs: dict[int, subprocess.Popen] = {}
     for rank in range(1, world):
         env_r = dict(env, RANK=str(rank), LOCAL_RANK=str(rank))
-        procs[rank] = subprocess.Popen([sys.executable, "-m", "osserve.distributed.worker"], env=env_r)
+        procs[rank] = subprocess.Popen([sys.executable, "-m", "osserve.distributed.rank_worker"], env=env_r)
     logger.info(
         "started %d worker processes (pids %s)", len(procs), ", ".join(str(p.pid) for p in procs.values())
     )

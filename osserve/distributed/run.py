@@ -23,7 +23,7 @@ def main() -> int:
     # NOTE: NCCL reads this when its communicators are created; NVLink multicast stays off everywhere.
     os.environ["NCCL_NVLS_ENABLE"] = "0"
     if int(os.environ["RANK"]) != 0:
-        from osserve.distributed.worker import main as worker_main
+        from osserve.distributed.rank_worker import main as worker_main
 
         return worker_main()
     # Rank 0 becomes the osserve command itself (same environment: its engine finds RANK / WORLD_SIZE).

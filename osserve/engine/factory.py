@@ -19,7 +19,7 @@ from osserve.model.default import DEFAULT_NAME, default_checkpoint
 from osserve.model.loader import load_model, load_random_model, parse_random_spec, resolve_model_path
 from osserve.model.standin import StandInModel, parse_standin_spec
 from osserve.parallel import ParallelConfig
-from osserve.structured.tokenizer import prepare_in_background
+from osserve.structured.vocabulary import prepare_in_background
 
 logger = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ from osserve.engine.async_engine import AsyncEngine, EngineClient
 from osserve.engine.engine import EngineCore
 from osserve.server.chat import create_chat_completion
 from osserve.server.completions import create_completion
-from osserve.server.errors import PROPAGATE, APIError, install_handlers, internal_error
 from osserve.server.metrics import CONTENT_TYPE
+from osserve.server.openai_errors import PROPAGATE, APIError, install_handlers, internal_error
 from osserve.server.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, ResponsesRequest
 from osserve.server.responses import create_response
 from osserve.server.serving import RequestHook, ServerState

@@ -18,8 +18,8 @@ from osserve.harmony.parse import Delta, OutputParser, coalesce
 from osserve.harmony.render import render_chat
 from osserve.harmony.tools import parse_chat_tools
 from osserve.server.constraints import request_constraint
-from osserve.server.errors import bad_request, from_value_error
 from osserve.server.logprobs import chat_logprob
+from osserve.server.openai_errors import bad_request, from_value_error
 from osserve.server.prompts import check_prompt_length, check_unicode, prompt_budget
 from osserve.server.protocol import ChatCompletionRequest
 from osserve.server.serving import (

@@ -14,8 +14,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from osserve.engine.outputs import RequestOutput
-from osserve.server.errors import APIError, bad_request
 from osserve.server.logprobs import completion_logprobs
+from osserve.server.openai_errors import APIError, bad_request
 from osserve.server.prompts import check_prompt_length, check_unicode, prompt_budget
 from osserve.server.protocol import CompletionRequest
 from osserve.server.serving import (

@@ -10,7 +10,7 @@ from openai_harmony import ToolDescription
 
 from osserve.harmony.formats import ResponseFormat, forced_tool_names
 from osserve.harmony.tools import tools_to_render
-from osserve.server.errors import from_value_error
+from osserve.server.openai_errors import from_value_error
 from osserve.structured import StructuredOutput, build_structured
 
 

@@ -2,7 +2,7 @@
 
 This is the single-process form: engine options at the top level, or in the `runtime` of one worker of
 role `both`, run inside the server process. `serve` hands files that describe several processes (prefill /
-decode workers, replicas, discovery, router options) to osserve.disagg.launcher first; this
+decode workers, replicas, discovery, router options) to osserve.disagg.deployment first; this
 parser refuses those forms with a reason rather than ignoring them.
 """
 

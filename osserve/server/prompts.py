@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import anyio
 import anyio.to_thread
 
-from osserve.server.errors import (
+from osserve.server.openai_errors import (
     LONE_SURROGATE,
     PROPAGATE,
     APIError,

@@ -17,7 +17,7 @@ from osserve.harmony.render import render_responses
 from osserve.harmony.tools import parse_responses_tools
 from osserve.server.chat import ChoiceState
 from osserve.server.constraints import request_constraint
-from osserve.server.errors import APIError, bad_request, from_value_error
+from osserve.server.openai_errors import APIError, bad_request, from_value_error
 from osserve.server.prompts import check_prompt_length, check_unicode, prompt_budget
 from osserve.server.protocol import ResponsesRequest
 from osserve.server.serving import EngineStream, ServerState, sampling_params

@@ -20,8 +20,14 @@ from osserve.config import EngineConfig
 from osserve.engine.async_engine import EngineClient, EngineDeadError, EngineNotReadyError
 from osserve.engine.outputs import RequestOutput
 from osserve.sampling_params import OutputKind, SamplingParams
-from osserve.server.errors import APIError, bad_request, draining_error, from_value_error, shutdown_error
 from osserve.server.metrics import ServerMetrics
+from osserve.server.openai_errors import (
+    APIError,
+    bad_request,
+    draining_error,
+    from_value_error,
+    shutdown_error,
+)
 from osserve.server.prompts import PromptWorkers
 from osserve.server.protocol import _Sampling
 from osserve.server.sse import EventStream, Stopped, chat_error_events, until_disconnect

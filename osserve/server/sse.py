@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from osserve.server.errors import PROPAGATE, APIError, internal_error
+from osserve.server.openai_errors import PROPAGATE, APIError, internal_error
 
 T = TypeVar("T")
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from osserve.harmony.encoding import VOCAB_SIZE
 from osserve.structured.grammar import StructuredOutput
-from osserve.structured.tokenizer import grammar_tokenizer
+from osserve.structured.vocabulary import grammar_tokenizer
 
 BITMASK_WIDTH = (VOCAB_SIZE + 31) // 32
 # Errors name the offending token, not the whole parser state and grammar (they end up in logs).

@@ -1,4 +1,4 @@
-"""A worker rank (1..N-1) of a parallel engine: `python -m osserve.distributed.worker`.
+"""A worker rank (1..N-1) of a parallel engine: `python -m osserve.distributed.rank_worker`.
 
 Started by the launcher (one host) or by torchrun through `osserve.distributed.run`; everything it needs
 comes from the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and from rank 0's first

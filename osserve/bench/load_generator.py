@@ -27,9 +27,9 @@ import numpy as np
 from tqdm import tqdm
 
 from osserve.bench import datasets
+from osserve.bench.aggregate import METRICS, RequestRecord, aggregate
 from osserve.bench.datasets import Session
 from osserve.bench.endpoints import ENDPOINTS, RequestSpec, endpoint_kind, send_request
-from osserve.bench.metrics import METRICS, RequestRecord, aggregate
 from osserve.bench.report import format_run, format_sweep
 
 RESULT_SCHEMA = "osserve.bench.serve/1"

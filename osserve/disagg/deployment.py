@@ -42,13 +42,13 @@ from typing import Any
 import yaml
 
 from osserve.config import EngineConfig
-from osserve.disagg.protocol import ROLES, check_kv_transport
+from osserve.disagg.messages import ROLES, check_kv_transport
 from osserve.disagg.remote_engine import FrontendSettings
 from osserve.disagg.router import ROUTER_MODES
 from osserve.disagg.worker import check_role_fits_engine
 from osserve.server.deploy import ENGINE_KEYS, merge_options
 
-logger = logging.getLogger("osserve.disagg.launcher")
+logger = logging.getLogger("osserve.disagg.deployment")
 
 STOP_TIMEOUT_S = 20.0
 RESTART_BACKOFF_S = (1.0, 30.0)  # first delay, largest

@@ -10,7 +10,7 @@ from typing import Any
 
 from osserve.bench import host, offline
 from osserve.bench import kernels as kernel_bench
-from osserve.bench.metrics import METRICS, parse_goodput, parse_percentiles
+from osserve.bench.aggregate import METRICS, parse_goodput, parse_percentiles
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -198,7 +198,7 @@ def add_plot_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def serve_config(args: argparse.Namespace) -> Any:
-    from osserve.bench.serving import ServeConfig
+    from osserve.bench.load_generator import ServeConfig
 
     extra = json.loads(args.extra_body) if args.extra_body else {}
     if not isinstance(extra, dict):
@@ -247,7 +247,7 @@ def serve_config(args: argparse.Namespace) -> Any:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from osserve.bench.serving import run_sweep
+    from osserve.bench.load_generator import run_sweep
 
     try:
         cfg = serve_config(args)
@@ -275,7 +275,7 @@ def run_plot(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m osserve.bench.cli serve|plot|offline ...` (the same as `osserve bench ...`)."""
+    """`python -m osserve.bench.commands serve|plot|offline ...` (the same as `osserve bench ...`)."""
     parser = argparse.ArgumentParser(prog="osserve")
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from osserve.disagg.protocol import KV_TRANSPORTS, ROLES
+from osserve.disagg.messages import KV_TRANSPORTS, ROLES
 from osserve.disagg.router import ROUTER_MODES
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
