@@ -327,7 +327,9 @@ def test_idle_async_engine_turns_dead_when_a_rank_dies(tiny_ckpt):
     """/health must not say "ready" for a parallel engine whose rank died while no request was running."""
     from osserve.engine.async_engine import AsyncEngine
 
-    eng = AsyncEngine(EngineConfig.from_dict({"model": str(tiny_ckpt), **BASE, "tensor_parallel_size": 2}))
+    config = EngineConfig.from_dict({"model": str(tiny_ckpt), **BASE, "tensor_parallel_size": 2})
+    # As the server builds it: the engine client gets make_engine, which starts the other rank.
+    eng = AsyncEngine(config, None, lambda: make_engine(config, progress=False))
     eng.start()
     try:
         eng.wait_ready(120)
