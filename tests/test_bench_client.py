@@ -304,6 +304,7 @@ def test_stopped_server_cli_reports_and_exits_nonzero(tmp_path):
     assert len(list(tmp_path.glob("*.json"))) == 2
 
 
+@pytest.mark.slow  # one of the longest: pytest -m "not slow" stays under 3 minutes
 def test_bad_flags_are_clear_errors(tmp_path):
     def run(*flags):
         return subprocess.run(

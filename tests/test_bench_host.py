@@ -11,6 +11,7 @@ import pytest
 from osserve.bench import host
 
 
+@pytest.mark.slow  # one of the longest: pytest -m "not slow" stays under 3 minutes
 @pytest.mark.parametrize("engine_process", ["true", "false"])
 def test_bench_host_measures_steps_and_host_cost(engine_process, tmp_path, capsys) -> None:  # noqa: ANN001
     out = tmp_path / "host.json"

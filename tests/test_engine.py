@@ -141,6 +141,7 @@ def test_abort_frees_everything_in_the_same_step(tiny_ckpt):
     assert core.kv.usage()["in_use"] == 0 and not core.has_unfinished()
 
 
+@pytest.mark.slow  # one of the longest: pytest -m "not slow" stays under 3 minutes
 def test_seeded_sampling_is_reproducible(tiny_ckpt):
     core = make_engine(tiny_ckpt)
     prompts, _ = workload(4, seed=9)

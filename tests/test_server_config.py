@@ -144,6 +144,7 @@ def test_deploy_file_errors(data, match: str | None) -> None:  # noqa: ANN001
         parse_deploy(data)
 
 
+@pytest.mark.slow  # one of the longest: pytest -m "not slow" stays under 3 minutes
 def test_cli_reports_bad_config_and_help() -> None:
     env_run = lambda *a: subprocess.run(  # noqa: E731
         [sys.executable, "-m", "osserve", *a],

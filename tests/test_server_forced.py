@@ -14,6 +14,9 @@ from openai_harmony import Message, Role
 from osserve.harmony import get_encoding, get_tokenizer
 from osserve.harmony.encoding import CALL, END, RETURN
 
+# A live server per module: in the full run, out of pytest -m "not slow" (kept under 3 minutes).
+pytestmark = pytest.mark.slow
+
 REASONING = "Let me think about the weather."
 ANSWER = "It is sunny in Paris, 22 °C."
 ARGS = '{"city": "Paris", "unit": "celsius"}'

@@ -104,6 +104,7 @@ def test_sigterm_drains_then_ends_what_is_left(tiny_checkpoint, tmp_path) -> Non
         stop_cli_server(live)
 
 
+@pytest.mark.slow  # one of the longest: pytest -m "not slow" stays under 3 minutes
 @pytest.mark.parametrize("model", ["/nonexistent/checkpoint", "openai/gpt-oss-20b"])
 def test_a_model_that_cannot_load_exits_non_zero(model: str, tmp_path) -> None:  # noqa: ANN001
     """Before: a traceback, then /health 503 "dead" forever. (conftest sets HF_HUB_OFFLINE=1.)"""

@@ -18,6 +18,9 @@ import pytest
 from live import ENGINE_FLAGS, SERVED_NAME, start_cli_server, stop_cli_server
 from structured_cases import CHAT_TOOLS, PARAMS, SCHEMAS, TOOLS, obj, validate
 
+# A live server per module: in the full run, out of pytest -m "not slow" (kept under 3 minutes).
+pytestmark = pytest.mark.slow
+
 MAX_TOKENS = 120  # the reasoning gets 60 tokens, the answer 60 (osserve.structured.answer_reserve)
 USER = [{"role": "user", "content": "Answer with JSON."}]
 
