@@ -189,7 +189,14 @@ def _check_token_ids(ids: list[int], vocab_size: int) -> None:
     """Raise naming the first id that is not an integer in [0, vocab_size): one array pass in the common
     case (this runs for every request, in the engine loop too), Python only to name a culprit."""
     arr = np.asarray(ids)
-    if arr.dtype.kind in "iu" and len(arr) and arr.min() >= 0 and arr.max() < vocab_size:
+    # NOTE: numpy folds True into an int array; bool is refused as before (the type scan runs in C).
+    if (
+        arr.dtype.kind in "iu"
+        and len(arr)
+        and arr.min() >= 0
+        and arr.max() < vocab_size
+        and bool not in set(map(type, ids))
+    ):
         return
     for i, t in enumerate(ids):
         if not isinstance(t, int | np.integer) or isinstance(t, bool) or not 0 <= t < vocab_size:

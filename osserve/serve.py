@@ -12,11 +12,10 @@ from typing import Any
 from osserve.config import EngineConfig
 from osserve.flags import add_engine_arguments, engine_options_from_args
 from osserve.server.deploy import load_deploy_file, merge_options
-from osserve.server.lifecycle import setup_logging
+from osserve.server.logs import LOG_LEVELS, setup_logging
 
 logger = logging.getLogger("osserve.server")
 
-LOG_LEVELS = ("debug", "info", "warning", "error")
 SERVER_DEFAULTS: dict[str, Any] = {
     "host": "127.0.0.1",
     "port": 8000,

@@ -279,6 +279,9 @@ def test_invalid_requests(tiny_ckpt):
         core.add_request("c", [-1], SamplingParams(max_tokens=2))
     with pytest.raises(ValueError, match="at least one token"):
         core.add_request("d", [], SamplingParams(max_tokens=2))
+    # numpy would fold True into an int array: still refused, by name
+    with pytest.raises(ValueError, match=r"prompt_token_ids\[1\] is True"):
+        core.add_request("e", [1, True], SamplingParams(max_tokens=2))
     assert not core.has_unfinished() and core.kv.usage()["in_use"] == 0
 
 

@@ -378,7 +378,7 @@ def run_deployment(args: argparse.Namespace) -> int:
     """`osserve serve --config FILE` with a multi-process deployment file; flags --host, --port,
     --api-key, --log-level, --max-queue-len override the frontend's settings."""
     from osserve.disagg.frontend import create_frontend_app, serve_app
-    from osserve.server.lifecycle import setup_logging
+    from osserve.server.logs import setup_logging
 
     try:
         spec = parse_deployment(_load(args.config))

@@ -9,8 +9,7 @@ import sys
 
 from osserve.disagg.messages import KV_TRANSPORTS, ROLES
 from osserve.disagg.router import ROUTER_MODES
-
-LOG_LEVELS = ("debug", "info", "warning", "error")
+from osserve.server.logs import LOG_LEVELS
 
 FRONTEND_EPILOG = """\
 examples:
@@ -120,7 +119,7 @@ def parse_roles(text: str | None) -> tuple[str, ...] | None:
 def run_frontend(args: argparse.Namespace) -> int:
     from osserve.disagg.frontend import create_frontend_app, serve_app
     from osserve.disagg.remote_engine import FrontendSettings
-    from osserve.server.lifecycle import setup_logging
+    from osserve.server.logs import setup_logging
 
     try:
         if args.model_tag and args.model and args.model_tag != args.model:

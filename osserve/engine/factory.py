@@ -86,10 +86,11 @@ def build_engine(
     """One rank's engine and the model name it serves. A config of several ranks needs `parallel` (this
     rank's place) and `agree_blocks` (the smallest KV pool any rank can hold): osserve.distributed passes
     both; `osserve.distributed.launcher.make_engine` builds an engine for any config."""
-    if parallel is None and ParallelConfig.from_engine_config(config).is_distributed:
+    wanted = ParallelConfig.from_engine_config(config)
+    if parallel is None and wanted.is_distributed:
         raise ValueError(
-            f"the config asks for {ParallelConfig.from_engine_config(config).describe()}: build it with "
-            "osserve.distributed.launcher.make_engine, which starts the other ranks"
+            f"the config asks for {wanted.describe()}: build it with osserve.distributed.launcher.make_engine, "
+            "which starts the other ranks"
         )
     device = resolve_device(config)
     if device.type == "cuda" and device.index is None:

@@ -83,12 +83,3 @@ def serve_app(app: FastAPI, host: str, port: int, log_level: str, exit_on_engine
     server = _Server(config, state, exit_on_engine_death)
     server.run()
     return server.exit_code
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        force=True,
-    )
