@@ -19,6 +19,7 @@ import json
 import os
 import tempfile
 import time
+import warnings
 from collections import defaultdict
 
 import torch
@@ -97,15 +98,51 @@ def prefill_trace(llm: LLM, prompts: int, prompt_len: int) -> None:
     eng = llm.engine
     runner = eng.core.runner
     launch = runner.launch
+    cuda = torch.cuda.is_available()
     rows = []
+    compiled: list[str] = []
+
+    def on_compile(*, fn, repr, **_):  # noqa: A002  (Triton's hook keyword)
+        compiled.append(f"{fn.name}[{repr[:160]}]")
+
+    import triton
+
+    triton.knobs.runtime.jit_cache_hook = on_compile
+
+    def mem() -> tuple[int, int, int]:
+        if not cuda:
+            return 0, 0, 0
+        st = torch.cuda.memory_stats()
+        return st.get("num_alloc_retries", 0), st.get("num_device_alloc", 0), st.get("num_device_free", 0)
 
     def timed_launch(sched, b, defer_sampling=False):
         prev = eng.core.inflight
-        t0 = time.perf_counter()
-        handle = launch(sched, b, defer_sampling=defer_sampling)
-        dt = time.perf_counter() - t0
+        m0, n0 = mem(), len(compiled)
+        with warnings.catch_warnings(record=True) as syncs:
+            warnings.simplefilter("always")
+            if cuda:
+                torch.cuda.set_sync_debug_mode("warn")
+            t0 = time.perf_counter()
+            try:
+                handle = launch(sched, b, defer_sampling=defer_sampling)
+            finally:
+                dt = time.perf_counter() - t0
+                if cuda:
+                    torch.cuda.set_sync_debug_mode(0)
+        m1 = mem()
         busy = prev is not None and prev.event is not None and not prev.event.query()
-        rows.append([int(sched.num_new.sum()), dt, busy, runner.device_wait_s])
+        sync_lines = sorted({str(w.message)[:100] for w in syncs if "synchroniz" in str(w.message)})
+        rows.append(
+            [
+                int(sched.num_new.sum()),
+                dt,
+                busy,
+                runner.device_wait_s,
+                [y - x for x, y in zip(m0, m1, strict=True)],
+                compiled[n0:],
+                sync_lines,
+            ]
+        )
         return handle
 
     runner.launch = timed_launch
@@ -113,16 +150,25 @@ def prefill_trace(llm: LLM, prompts: int, prompt_len: int) -> None:
     for i in range(prompts):
         eng.add_request(f"p{i}", [(11 * i + j) % 50000 + 100 for j in range(prompt_len)], params)
     t0 = time.perf_counter()
-    while eng.has_unfinished():
-        eng.step()
-    if torch.cuda.is_available():
+    try:
+        while eng.has_unfinished():
+            eng.step()
+    finally:
+        runner.launch = launch
+        triton.knobs.runtime.jit_cache_hook = None
+    if cuda:
         torch.cuda.synchronize()
-    runner.launch = launch
     print(f"prefill {prompts} x {prompt_len}: {time.perf_counter() - t0:.2f} s, {len(rows)} steps")
-    print("  step tokens  launch_ms  previous_step_still_running  device_wait_ms(before next launch)")
-    for i, (tokens, dt, busy, _) in enumerate(rows):
+    print("  step tokens launch_ms prev_running wait_ms  alloc_retries/cudaMalloc/cudaFree  compiles  syncs")
+    for i, (tokens, dt, busy, _, m, comp, sy) in enumerate(rows):
         wait = (rows[i + 1][3] - rows[i][3]) * 1e3 if i + 1 < len(rows) else float("nan")
-        print(f"  {i:4d} {tokens:6d} {dt * 1e3:10.2f}  {busy!s:5}  {wait:8.2f}")
+        print(
+            f"  {i:4d} {tokens:6d} {dt * 1e3:9.2f} {busy!s:5} {wait:8.2f}  {m[0]}/{m[1]}/{m[2]}  {len(comp)}  {len(sy)}"
+        )
+        for c in comp[:8]:
+            print(f"         compiled {c}")
+        for line in sy[:4]:
+            print(f"         sync: {line}")
 
 
 def main() -> None:
@@ -139,7 +185,8 @@ def main() -> None:
     t0 = time.perf_counter()
     llm = LLM(model=args.model, **opts)
     print(f"engine built in {time.perf_counter() - t0:.0f} s")
-    decode_trace(llm, args.batch, args.steps, args.context)
+    if args.steps:
+        decode_trace(llm, args.batch, args.steps, args.context)
     if args.prompts:
         prefill_trace(llm, args.prompts, args.prompt_len)
 
