@@ -51,6 +51,7 @@ NIXL_MODULES = ("nixl_cu13", "nixl_cu12", "nixl._api")
 # doubling from POLL_MIN_S to POLL_MAX_S.
 POLL_YIELDS = 8
 POLL_MIN_S, POLL_MAX_S = 0.0001, 0.005
+UCX_GET_ZCOPY = "UCX_CUDA_IPC_ENABLE_GET_ZCOPY"
 
 
 def import_nixl() -> Any | None:
@@ -63,6 +64,12 @@ def import_nixl() -> Any | None:
         if os.environ.get("NIXL_LOG_LEVEL") is None:
             # NIXL logs every agent and backend it creates at INFO on stdout.
             logging.getLogger("nixl").setLevel(logging.WARNING)
+        # UCX serves a READ of another process's device memory with cuda_ipc only where its GET is enabled,
+        # and by default ("auto") it is enabled only where NVML reports NVLinks: between two workers on one GPU
+        # (or GPUs on PCIe) UCX then emulates the READ through host memory over TCP (0.1-0.6 GiB/s on an H200,
+        # docs/PERFORMANCE.md run 26) where the cuda_ipc copy stays on the device. Set before any agent reads
+        # UCX's configuration; a value the user set wins.
+        os.environ.setdefault(UCX_GET_ZCOPY, "y")
         return module
     return None
 

@@ -163,7 +163,7 @@ class EngineCore:
         handle = None
         if not sched.is_empty:
             self.num_steps += 1
-            handle = self.runner.launch(sched, self.batch, defer_sampling=defer)
+            handle = self.runner.launch(sched, self.batch, defer_sampling=defer, after=self.inflight)
             self.batch.num_computed[sched.rows] += sched.num_new
             self.batch.num_pending[handle.sample_rows] += 1
         # While the device runs the new step, read back and process the previous one.

@@ -48,6 +48,9 @@ class StepHandle:
     # logprob ids / values / ranks; the event marks them complete.
     host: list[torch.Tensor | None] = field(default_factory=list)
     event: torch.cuda.Event | None = None
+    # Recorded after the step's forward and logits (CUDA), sampled rows or not: the next eager forward
+    # waits for it (ModelRunner.launch).
+    forward_done: torch.cuda.Event | None = None
     prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
     # (logits, sampling rows on the device, SamplingBatch) of a step whose sampling is not queued yet.
     pending: tuple[torch.Tensor, torch.Tensor, SamplingBatch] | None = None
@@ -175,7 +178,12 @@ class ModelRunner:
         start = time.perf_counter()
         budget = self.config.max_num_tokens
         if sizes is None:
-            sizes = sorted({n for n in (budget, budget // 2, 1000, 100, 17) if 1 < n <= budget}, reverse=True)
+            # NOTE: Triton specializes integer arguments on divisibility by 16: the odd sizes give the variants
+            # for token and pair counts that are not (a prompt's last chunk), budget // 2 + 1 on the grouped
+            # MoE path, 17 on the gemm one.
+            sizes = sorted(
+                {n for n in (budget, budget // 2 + 1, 1000, 100, 17) if 1 < n <= budget}, reverse=True
+            )
         for n in sizes:
             batch = null_block_batch(n, self.block_size, self.model_config.sliding_window, self.device)
             self.model.compute_logits(self.model(batch, self.kv_caches)[batch.logits_indices])
@@ -312,6 +320,7 @@ class ModelRunner:
             top_k=b.top_k_dev.index_select(0, rows_t),
             min_p=b.min_p_dev.index_select(0, rows_t),
             all_greedy=bool(b.greedy[sample_rows].all()),
+            any_greedy=bool(b.greedy[sample_rows].any()),
             any_top_p_or_k=bool(((b.top_p[sample_rows] < 1.0) | (b.top_k[sample_rows] > 0)).any()),
             any_min_p=bool((b.min_p[sample_rows] > 0).any()),
         )
@@ -407,22 +416,51 @@ class ModelRunner:
             return self._forward(batch)
 
     def _forward(self, batch: ForwardBatch) -> torch.Tensor:
-        if self.graphs is not None and self.graphs.can_run(batch):
-            return self.graphs.run(batch)
+        if self._graphed(batch):
+            return self.graphs.run(batch)  # type: ignore[union-attr]
         return self.model(batch, self.kv_caches)
 
+    def _graphed(self, batch: ForwardBatch) -> bool:
+        return self.graphs is not None and self.graphs.can_run(batch)
+
+    def _wait_forward(self, after: StepHandle | None) -> None:
+        """Wait until the forward of the step launched before is done, counted as device wait.
+
+        An eager forward queues hundreds of kernels (a 16k-token prefill of gpt-oss-120b: ~900). Behind a
+        step still running, CUDA's launch queue fills and the host blocks inside the launches for the rest
+        of that step, which the step log then shows as host time (docs/PERFORMANCE.md, run 26). Waiting
+        here instead costs the device nothing when it is the bottleneck: this step's inputs are queued
+        already and its first kernel follows the wait at once; when the host is, the step is done already."""
+        if after is None or after.forward_done is None:
+            return
+        t0 = time.perf_counter()
+        after.forward_done.synchronize()
+        self.device_wait_s += time.perf_counter() - t0
+
     @torch.inference_mode()
-    def launch(self, sched: SchedulerOutput, b: InputBatch, defer_sampling: bool = False) -> StepHandle:
+    def launch(
+        self,
+        sched: SchedulerOutput,
+        b: InputBatch,
+        defer_sampling: bool = False,
+        after: StepHandle | None = None,
+    ) -> StepHandle:
         """Queue the step's device work; returns before it completes (on CUDA). `defer_sampling`: queue the
-        forward and the logits only; `sample(handle)` queues the rest once the grammars are up to date."""
+        forward and the logits only; `sample(handle)` queues the rest once the grammars are up to date.
+        `after`: the step launched before, still in flight (an eager forward waits for its forward)."""
         batch, sample_rows, rows_t, prompt_spans = self.prepare_batch(sched, b)
+        if not self._graphed(batch):
+            self._wait_forward(after)
         hidden = self.run_model(batch)
         handle = StepHandle(sched, sample_rows, b.handle[sample_rows])
         for req, row, pos, count in prompt_spans:
             handle.prompt_logprobs.append(self._prompt_logprobs(req, hidden, row, pos, count))
-        if not len(sample_rows):
+        logits = self.model.compute_logits(hidden[batch.logits_indices]) if len(sample_rows) else None
+        if self.device.type == "cuda":
+            handle.forward_done = torch.cuda.Event()
+            handle.forward_done.record()
+        if logits is None:
             return handle
-        logits = self.model.compute_logits(hidden[batch.logits_indices])
         handle.pending = (logits, rows_t, self.prepare_sampling(b, sample_rows, rows_t))
         if not defer_sampling:
             self.sample(handle, b)

@@ -2,8 +2,9 @@
 logprobs.
 
 One call handles every row of the step; the only host sync is the caller's read of the sampled ids.
-Random rows draw exponential noise and take argmax(probs / noise) (equivalent to sampling from probs);
-a seeded request draws its noise from its own generator, so its output does not depend on its batch.
+Random rows draw exponential noise E and take argmax(logits / T - log E), which is argmax(probs / E) without
+the softmax (log probs differ from logits / T by a per-row constant) and samples from probs; a seeded request
+draws its noise from its own generator, so its output does not depend on its batch.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ class SamplingBatch:
     all_greedy: bool
     any_top_p_or_k: bool
     any_min_p: bool
+    # Whether some row is greedy (temperature 0) in a batch that is not all greedy.
+    any_greedy: bool = True
     # Penalties (None when no row uses them): [N] each, plus [N, V] output token counts and prompt mask.
     presence_penalty: torch.Tensor | None = None
     frequency_penalty: torch.Tensor | None = None
@@ -95,11 +98,12 @@ class Sampler:
                 logits[row] = proc(out_ids, logits[row])
         if sb.token_bitmask is not None:
             self.apply_token_bitmask(logits, sb.token_bitmask, sb.bitmask_rows)
-        greedy = logits.argmax(dim=-1)
         if sb.all_greedy:
-            sampled = greedy
+            sampled = logits.argmax(dim=-1)
+        elif sb.any_greedy:
+            sampled = torch.where(sb.temperature < 1e-5, logits.argmax(dim=-1), self._sample(logits, sb))
         else:
-            sampled = torch.where(sb.temperature < 1e-5, greedy, self._sample(logits, sb))
+            sampled = self._sample(logits, sb)
         out = SamplerOutput(sampled=sampled)
         if raw_logprobs is not None:
             out.logprob_token_ids, out.logprobs, out.sampled_ranks = compute_logprobs(
@@ -124,14 +128,14 @@ class Sampler:
         logits = logits / temp[:, None]
         if sb.any_top_p_or_k:
             logits = _top_k_top_p(logits, sb.top_k, sb.top_p)
-        probs = torch.softmax(logits, dim=-1)
         if sb.any_min_p:
-            top = probs.max(dim=-1, keepdim=True).values
-            probs = probs.masked_fill(probs < sb.min_p[:, None] * top, 0.0)
-        noise = torch.empty_like(probs).exponential_()
+            # probs < min_p * max(probs)  <=>  logits < max(logits) + log(min_p)
+            top = logits.max(dim=-1, keepdim=True).values
+            logits = logits.masked_fill(logits < top + torch.log(sb.min_p[:, None]), float("-inf"))
+        noise = torch.empty_like(logits).exponential_()
         for row, gen in sb.generators.items():
             noise[row].exponential_(generator=gen)
-        return (probs / noise).argmax(dim=-1)
+        return (logits - noise.log()).argmax(dim=-1)
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
