@@ -5,9 +5,10 @@
    the kernels by GPU time per step (graph-replayed and eager alike), so that what runs beside the captured
    forward (input copies, lm_head, sampling, read-back) is visible.
 2. prefill: PROMPTS prompts of PROMPT_LEN tokens at once; for every step, the host time inside
-   ModelRunner.launch, whether the step launched before it was still running when launch returned, and the
-   time the engine then waited for the device: a launch that takes as long as the step before it is the
-   host blocked on a full launch queue, not host work.
+   ModelRunner.launch (with its wait for the step before: device wait), whether the step launched before it
+   was still running when launch returned, the time the engine then waited for the device, and what could
+   stall the host inside a launch: allocator retries (a device-wide sync), cudaMalloc / cudaFree, Triton
+   compiles, synchronizing calls.
 
   python scripts/engine_trace.py --model random:gpt-oss-20b --batch 1 --steps 50
 """
@@ -115,16 +116,16 @@ def prefill_trace(llm: LLM, prompts: int, prompt_len: int) -> None:
         st = torch.cuda.memory_stats()
         return st.get("num_alloc_retries", 0), st.get("num_device_alloc", 0), st.get("num_device_free", 0)
 
-    def timed_launch(sched, b, defer_sampling=False):
+    def timed_launch(sched, b, **kw):
         prev = eng.core.inflight
-        m0, n0 = mem(), len(compiled)
+        m0, n0, w0 = mem(), len(compiled), runner.device_wait_s
         with warnings.catch_warnings(record=True) as syncs:
             warnings.simplefilter("always")
             if cuda:
                 torch.cuda.set_sync_debug_mode("warn")
             t0 = time.perf_counter()
             try:
-                handle = launch(sched, b, defer_sampling=defer_sampling)
+                handle = launch(sched, b, **kw)
             finally:
                 dt = time.perf_counter() - t0
                 if cuda:
@@ -137,7 +138,7 @@ def prefill_trace(llm: LLM, prompts: int, prompt_len: int) -> None:
                 int(sched.num_new.sum()),
                 dt,
                 busy,
-                runner.device_wait_s,
+                (w0, runner.device_wait_s),
                 [y - x for x, y in zip(m0, m1, strict=True)],
                 compiled[n0:],
                 sync_lines,
@@ -159,11 +160,15 @@ def prefill_trace(llm: LLM, prompts: int, prompt_len: int) -> None:
     if cuda:
         torch.cuda.synchronize()
     print(f"prefill {prompts} x {prompt_len}: {time.perf_counter() - t0:.2f} s, {len(rows)} steps")
-    print("  step tokens launch_ms prev_running wait_ms  alloc_retries/cudaMalloc/cudaFree  compiles  syncs")
-    for i, (tokens, dt, busy, _, m, comp, sy) in enumerate(rows):
-        wait = (rows[i + 1][3] - rows[i][3]) * 1e3 if i + 1 < len(rows) else float("nan")
+    print(
+        "  step tokens | launch: host_ms wait_ms (for the step before) | prev_running | collect wait_ms | "
+        "alloc_retries/cudaMalloc/cudaFree  compiles  syncs"
+    )
+    for i, (tokens, dt, busy, (w0, w1), m, comp, sy) in enumerate(rows):
+        collect = (rows[i + 1][3][0] - w1) * 1e3 if i + 1 < len(rows) else float("nan")
         print(
-            f"  {i:4d} {tokens:6d} {dt * 1e3:9.2f} {busy!s:5} {wait:8.2f}  {m[0]}/{m[1]}/{m[2]}  {len(comp)}  {len(sy)}"
+            f"  {i:4d} {tokens:6d} | {(dt - (w1 - w0)) * 1e3:8.2f} {(w1 - w0) * 1e3:8.2f} | {busy!s:5} | "
+            f"{collect:8.2f} | {m[0]}/{m[1]}/{m[2]}  {len(comp)}  {len(sy)}"
         )
         for c in comp[:8]:
             print(f"         compiled {c}")
