@@ -110,11 +110,28 @@ def prefill_trace(llm: LLM, prompts: int, prompt_len: int) -> None:
 
     triton.knobs.runtime.jit_cache_hook = on_compile
 
-    def mem() -> tuple[int, int, int]:
+    def mem() -> tuple[int, int, int, int]:
         if not cuda:
-            return 0, 0, 0
-        st = torch.cuda.memory_stats()
-        return st.get("num_alloc_retries", 0), st.get("num_device_alloc", 0), st.get("num_device_free", 0)
+            return 0, 0, 0, 0
+        st, host = torch.cuda.memory_stats(), torch.cuda.host_memory_stats()
+        return (
+            st.get("num_alloc_retries", 0),
+            st.get("num_device_alloc", 0),
+            st.get("num_device_free", 0),
+            host.get("num_host_alloc", 0),
+        )
+
+    prepare = runner.prepare_batch
+    prepare_s = [0.0]
+
+    def timed_prepare(*args, **kw):
+        t0 = time.perf_counter()
+        try:
+            return prepare(*args, **kw)
+        finally:
+            prepare_s[0] = time.perf_counter() - t0
+
+    runner.prepare_batch = timed_prepare
 
     def timed_launch(sched, b, **kw):
         prev = eng.core.inflight
@@ -138,7 +155,7 @@ def prefill_trace(llm: LLM, prompts: int, prompt_len: int) -> None:
                 int(sched.num_new.sum()),
                 dt,
                 busy,
-                (w0, runner.device_wait_s),
+                (w0, runner.device_wait_s, prepare_s[0]),
                 [y - x for x, y in zip(m0, m1, strict=True)],
                 compiled[n0:],
                 sync_lines,
@@ -155,20 +172,20 @@ def prefill_trace(llm: LLM, prompts: int, prompt_len: int) -> None:
         while eng.has_unfinished():
             eng.step()
     finally:
-        runner.launch = launch
+        runner.launch, runner.prepare_batch = launch, prepare
         triton.knobs.runtime.jit_cache_hook = None
     if cuda:
         torch.cuda.synchronize()
     print(f"prefill {prompts} x {prompt_len}: {time.perf_counter() - t0:.2f} s, {len(rows)} steps")
     print(
-        "  step tokens | launch: host_ms wait_ms (for the step before) | prev_running | collect wait_ms | "
-        "alloc_retries/cudaMalloc/cudaFree  compiles  syncs"
+        "  step tokens | launch: host_ms (of which prepare_batch) wait_ms (for the step before) | prev_running | "
+        "collect wait_ms | alloc_retries/cudaMalloc/cudaFree/cudaHostAlloc  compiles  syncs"
     )
-    for i, (tokens, dt, busy, (w0, w1), m, comp, sy) in enumerate(rows):
+    for i, (tokens, dt, busy, (w0, w1, prep), m, comp, sy) in enumerate(rows):
         collect = (rows[i + 1][3][0] - w1) * 1e3 if i + 1 < len(rows) else float("nan")
         print(
-            f"  {i:4d} {tokens:6d} | {(dt - (w1 - w0)) * 1e3:8.2f} {(w1 - w0) * 1e3:8.2f} | {busy!s:5} | "
-            f"{collect:8.2f} | {m[0]}/{m[1]}/{m[2]}  {len(comp)}  {len(sy)}"
+            f"  {i:4d} {tokens:6d} | {(dt - (w1 - w0)) * 1e3:8.2f} ({prep * 1e3:7.2f}) {(w1 - w0) * 1e3:8.2f} | "
+            f"{busy!s:5} | {collect:8.2f} | {m[0]}/{m[1]}/{m[2]}/{m[3]}  {len(comp)}  {len(sy)}"
         )
         for c in comp[:8]:
             print(f"         compiled {c}")
