@@ -121,17 +121,20 @@ def prefill_trace(llm: LLM, prompts: int, prompt_len: int) -> None:
             host.get("num_host_alloc", 0),
         )
 
-    prepare = runner.prepare_batch
-    prepare_s = [0.0]
+    prepare, forward = runner.prepare_batch, runner.run_model
+    prepare_s, forward_s = [0.0], [0.0]
 
-    def timed_prepare(*args, **kw):
-        t0 = time.perf_counter()
-        try:
-            return prepare(*args, **kw)
-        finally:
-            prepare_s[0] = time.perf_counter() - t0
+    def timed(fn, into):
+        def call(*args, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kw)
+            finally:
+                into[0] = time.perf_counter() - t0
 
-    runner.prepare_batch = timed_prepare
+        return call
+
+    runner.prepare_batch, runner.run_model = timed(prepare, prepare_s), timed(forward, forward_s)
 
     def timed_launch(sched, b, **kw):
         prev = eng.core.inflight
@@ -155,7 +158,7 @@ def prefill_trace(llm: LLM, prompts: int, prompt_len: int) -> None:
                 int(sched.num_new.sum()),
                 dt,
                 busy,
-                (w0, runner.device_wait_s, prepare_s[0]),
+                (w0, runner.device_wait_s, prepare_s[0], forward_s[0]),
                 [y - x for x, y in zip(m0, m1, strict=True)],
                 compiled[n0:],
                 sync_lines,
@@ -172,19 +175,19 @@ def prefill_trace(llm: LLM, prompts: int, prompt_len: int) -> None:
         while eng.has_unfinished():
             eng.step()
     finally:
-        runner.launch, runner.prepare_batch = launch, prepare
+        runner.launch, runner.prepare_batch, runner.run_model = launch, prepare, forward
         triton.knobs.runtime.jit_cache_hook = None
     if cuda:
         torch.cuda.synchronize()
     print(f"prefill {prompts} x {prompt_len}: {time.perf_counter() - t0:.2f} s, {len(rows)} steps")
     print(
-        "  step tokens | launch: host_ms (of which prepare_batch) wait_ms (for the step before) | prev_running | "
+        "  step tokens | launch: host_ms (of which prepare_batch, run_model) wait_ms (for the step before) | prev_running | "
         "collect wait_ms | alloc_retries/cudaMalloc/cudaFree/cudaHostAlloc  compiles  syncs"
     )
-    for i, (tokens, dt, busy, (w0, w1, prep), m, comp, sy) in enumerate(rows):
+    for i, (tokens, dt, busy, (w0, w1, prep, fwd), m, comp, sy) in enumerate(rows):
         collect = (rows[i + 1][3][0] - w1) * 1e3 if i + 1 < len(rows) else float("nan")
         print(
-            f"  {i:4d} {tokens:6d} | {(dt - (w1 - w0)) * 1e3:8.2f} ({prep * 1e3:7.2f}) {(w1 - w0) * 1e3:8.2f} | "
+            f"  {i:4d} {tokens:6d} | {(dt - (w1 - w0)) * 1e3:8.2f} ({prep * 1e3:6.2f}, {fwd * 1e3:7.2f}) {(w1 - w0) * 1e3:8.2f} | "
             f"{busy!s:5} | {collect:8.2f} | {m[0]}/{m[1]}/{m[2]}/{m[3]}  {len(comp)}  {len(sy)}"
         )
         for c in comp[:8]:
